@@ -1,0 +1,304 @@
+//! The trust store and the acceptance rule of SPEC §2, as pure functions.
+//!
+//! [`verify_image`] is the single place that decides whether an agent accepts an image: given the
+//! trust store, the host's acceptance level, the current time and the highest serial already
+//! accepted for the image's name, it returns the verified image or the precise refusal.
+//! Signatures are checked before a payload is parsed, so no untrusted bytes reach serde.
+
+use std::collections::{BTreeSet, HashSet};
+
+use ed25519_dalek::VerifyingKey;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use crate::dsse::{Envelope, key_id};
+use crate::error::{DocKind, VerifyError};
+use crate::model::{Image, VibDescriptor, check_text};
+use crate::types::{AcceptanceLevel, Digest, ImageDigest, KeyId, Name};
+use crate::{IMAGE_PAYLOAD_TYPE, VIB_PAYLOAD_TYPE};
+
+/// What a trusted key may sign.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRole {
+    /// May sign images.
+    Image,
+    /// May sign VIB descriptors of levels up to `max_acceptance`.
+    Vib {
+        /// The highest acceptance level this key vouches for.
+        max_acceptance: AcceptanceLevel,
+    },
+}
+
+/// A public key with its role.
+#[derive(Clone, Debug)]
+pub struct TrustedKey {
+    /// hex sha256 of the raw public key.
+    pub id: KeyId,
+    /// The key itself.
+    pub key: VerifyingKey,
+    /// What it may sign.
+    pub role: KeyRole,
+}
+
+impl TrustedKey {
+    /// A trusted key with its id computed from the key.
+    pub fn new(key: VerifyingKey, role: KeyRole) -> Self {
+        Self {
+            id: key_id(&key),
+            key,
+            role,
+        }
+    }
+}
+
+/// The keys an agent trusts, and how many distinct ones must sign each document.
+#[derive(Clone, Debug)]
+pub struct TrustStore {
+    keys: Vec<TrustedKey>,
+    threshold: usize,
+}
+
+impl TrustStore {
+    /// A store requiring one trusted signature per document.
+    pub fn new(keys: Vec<TrustedKey>) -> Self {
+        Self { keys, threshold: 1 }
+    }
+
+    /// Requires `n` (at least 1) distinct trusted keys per document.
+    pub fn with_threshold(mut self, n: usize) -> Self {
+        self.threshold = n.max(1);
+        self
+    }
+
+    /// The keys.
+    pub fn keys(&self) -> &[TrustedKey] {
+        &self.keys
+    }
+}
+
+/// An image that passed every check, with its descriptors parsed.
+#[derive(Clone, Debug)]
+pub struct VerifiedImage {
+    /// `sha256:` of the payload bytes: the image's name in the API and on disk.
+    pub digest: ImageDigest,
+    /// The image payload.
+    pub image: Image,
+    /// Every VIB of every component, in image order.
+    pub vibs: Vec<VerifiedVib>,
+}
+
+/// A VIB descriptor whose signature was verified.
+#[derive(Clone, Debug)]
+pub struct VerifiedVib {
+    /// The descriptor.
+    pub descriptor: VibDescriptor,
+    /// Keys whose signatures verified (for reports).
+    pub signers: Vec<KeyId>,
+}
+
+/// Checks an envelope's type and signatures; returns the keys (of `role_ok`) whose signatures
+/// verified. Several signatures by one key count once.
+fn verify_envelope<'a>(
+    env: &Envelope,
+    doc: DocKind,
+    payload_type: &'static str,
+    store: &'a TrustStore,
+    role_ok: impl Fn(&KeyRole) -> bool,
+) -> Result<Vec<&'a TrustedKey>, VerifyError> {
+    if env.payload_type != payload_type {
+        return Err(VerifyError::WrongPayloadType {
+            doc,
+            expected: payload_type,
+            found: env.payload_type.chars().take(80).collect(),
+        });
+    }
+    let mut good: Vec<&TrustedKey> = Vec::new();
+    let mut bad: Option<KeyId> = None;
+    for sig in &env.signatures {
+        for key in store
+            .keys
+            .iter()
+            .filter(|k| k.id == sig.keyid && role_ok(&k.role))
+        {
+            if env.signature_verifies(sig, &key.key) {
+                if !good.iter().any(|g| g.id == key.id) {
+                    good.push(key);
+                }
+            } else {
+                bad.get_or_insert(sig.keyid);
+            }
+        }
+    }
+    if good.len() >= store.threshold {
+        return Ok(good);
+    }
+    if let Some(keyid) = bad {
+        return Err(VerifyError::SignatureInvalid { doc, keyid });
+    }
+    if !good.is_empty() {
+        return Err(VerifyError::ThresholdNotMet {
+            doc,
+            found: good.len(),
+            needed: store.threshold,
+        });
+    }
+    let signers: BTreeSet<String> = env.signatures.iter().map(|s| s.keyid.to_string()).collect();
+    Err(VerifyError::UntrustedKey {
+        doc,
+        keyids: if signers.is_empty() {
+            "nobody".into()
+        } else {
+            signers.into_iter().collect::<Vec<_>>().join(", ")
+        },
+    })
+}
+
+fn parse<T: DeserializeOwned>(doc: DocKind, bytes: &[u8]) -> Result<T, VerifyError> {
+    serde_json::from_slice(bytes).map_err(|e| VerifyError::Malformed {
+        doc,
+        detail: e.to_string(),
+    })
+}
+
+/// Verifies one VIB descriptor envelope: signed by a `vib` key whose `max_acceptance` covers the
+/// level the descriptor claims.
+pub fn verify_vib(env: &Envelope, store: &TrustStore) -> Result<VerifiedVib, VerifyError> {
+    let signers = verify_envelope(env, DocKind::Vib, VIB_PAYLOAD_TYPE, store, |r| {
+        matches!(r, KeyRole::Vib { .. })
+    })?;
+    let descriptor: VibDescriptor = parse(DocKind::Vib, &env.payload)?;
+    descriptor
+        .validate()
+        .map_err(|detail| VerifyError::Malformed {
+            doc: DocKind::Vib,
+            detail,
+        })?;
+    let covering: Vec<KeyId> = signers
+        .iter()
+        .filter(|k| matches!(k.role, KeyRole::Vib { max_acceptance } if max_acceptance >= descriptor.acceptance))
+        .map(|k| k.id)
+        .collect();
+    if covering.len() < store.threshold {
+        let max = signers
+            .iter()
+            .filter_map(|k| match k.role {
+                KeyRole::Vib { max_acceptance } => Some(max_acceptance),
+                KeyRole::Image => None,
+            })
+            .max()
+            .unwrap_or(AcceptanceLevel::Community);
+        return Err(VerifyError::SignerLevel {
+            vib: descriptor.name,
+            level: descriptor.acceptance,
+            max,
+        });
+    }
+    Ok(VerifiedVib {
+        descriptor,
+        signers: covering,
+    })
+}
+
+/// Verifies an image and all its descriptors, except the host's acceptance level
+/// (see [`check_host_acceptance`]): compliance reports an image below the host's level as
+/// `incompatible` rather than refusing to look at it.
+///
+/// `highest_serial` is the highest serial already accepted for this image's name, if any.
+pub fn verify_image_content(
+    env: &Envelope,
+    store: &TrustStore,
+    now: OffsetDateTime,
+    highest_serial: impl FnOnce(&Name) -> Option<u64>,
+) -> Result<VerifiedImage, VerifyError> {
+    verify_envelope(env, DocKind::Image, IMAGE_PAYLOAD_TYPE, store, |r| {
+        *r == KeyRole::Image
+    })?;
+    let image: Image = parse(DocKind::Image, &env.payload)?;
+    let malformed = |detail: String| VerifyError::Malformed {
+        doc: DocKind::Image,
+        detail,
+    };
+    check_text("base_image", image.base_image.as_str(), 64).map_err(malformed)?;
+    if now >= image.expires {
+        return Err(VerifyError::Expired {
+            name: image.name,
+            expires: image.expires,
+        });
+    }
+    if let Some(highest) = highest_serial(&image.name)
+        && image.serial < highest
+    {
+        return Err(VerifyError::Rollback {
+            name: image.name,
+            serial: image.serial,
+            highest,
+        });
+    }
+
+    let mut components = HashSet::new();
+    let mut vib_names = HashSet::new();
+    let mut vibs = Vec::new();
+    for component in &image.components {
+        check_text("component version", component.version.as_str(), 64).map_err(malformed)?;
+        if !components.insert(&component.name) {
+            return Err(malformed(format!(
+                "component {} is listed twice",
+                component.name
+            )));
+        }
+        if component.vibs.is_empty() {
+            return Err(malformed(format!(
+                "component {} has no VIBs",
+                component.name
+            )));
+        }
+        for vib_env in &component.vibs {
+            let vib = verify_vib(vib_env, store)?;
+            let d = &vib.descriptor;
+            if d.component != component.name || d.component_version != component.version {
+                return Err(malformed(format!(
+                    "VIB {} belongs to component {} {}, but is listed under {} {}",
+                    d.name, d.component, d.component_version, component.name, component.version
+                )));
+            }
+            if !vib_names.insert((d.name.clone(), d.target)) {
+                return Err(malformed(format!("VIB {} is listed twice", d.name)));
+            }
+            vibs.push(vib);
+        }
+    }
+    Ok(VerifiedImage {
+        digest: ImageDigest(Digest::of(&env.payload)),
+        image,
+        vibs,
+    })
+}
+
+/// Refuses an image that carries a VIB below the host's acceptance level.
+pub fn check_host_acceptance(
+    image: &VerifiedImage,
+    host: AcceptanceLevel,
+) -> Result<(), VerifyError> {
+    match image.vibs.iter().find(|v| v.descriptor.acceptance < host) {
+        Some(v) => Err(VerifyError::AcceptanceTooLow {
+            vib: v.descriptor.name.clone(),
+            level: v.descriptor.acceptance,
+            host,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The whole acceptance rule of SPEC §2: signatures, roles, expiry, rollback, signer levels and
+/// the host's acceptance level.
+pub fn verify_image(
+    env: &Envelope,
+    store: &TrustStore,
+    host_level: AcceptanceLevel,
+    now: OffsetDateTime,
+    highest_serial: impl FnOnce(&Name) -> Option<u64>,
+) -> Result<VerifiedImage, VerifyError> {
+    let image = verify_image_content(env, store, now, highest_serial)?;
+    check_host_acceptance(&image, host_level)?;
+    Ok(image)
+}
