@@ -1,1 +1,8 @@
-fn main() {}
+//! `vibstagectl`: the controller, depot-owner and local-admin tool. All of it lives in
+//! [`vibstage::cli`]; this is only the process entry point.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    vibstage::cli::main()
+}

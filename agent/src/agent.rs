@@ -1,0 +1,502 @@
+//! The agent: verified operations over the store, the state and the task list. The API calls
+//! these methods; they know nothing of HTTP.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use time::OffsetDateTime;
+use vibstage_protocol::api::{
+    ComplianceReport, ComplianceStatus, ComplianceSummary, DpuState, ErrorDetail, FirmwareState,
+    HostStatus, ImageRef, InstalledSummary, MaintenanceSummary, Notification, ScratchSummary,
+    SoftwareState, StagedImage, StagingState, StagingSummary, Task, TaskKind, TaskState,
+};
+use vibstage_protocol::trust::verify_image_content;
+use vibstage_protocol::{
+    Envelope, ErrorCode, ImageDigest, TrustStore, VerifiedImage, VerifyError, verify_image,
+};
+
+use crate::compliance;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::stage::{HostPolicy, StageError, StageProgress, Stager, parts_of};
+use crate::state::{State, StateFile};
+use crate::store::StoreError;
+use crate::tasks::{TaskRequest, Tasks};
+
+/// A refused or failed operation: an API error code and a message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {}", .0.code, .0.message)]
+pub struct AgentError(pub ErrorDetail);
+
+impl AgentError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(ErrorDetail::new(code, message))
+    }
+}
+
+impl From<VerifyError> for AgentError {
+    fn from(e: VerifyError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<StageError> for AgentError {
+    fn from(e: StageError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
+impl From<StoreError> for AgentError {
+    fn from(e: StoreError) -> Self {
+        Self::new(crate::fetch::store_code(&e), e.to_string())
+    }
+}
+
+/// What a stage or remediate request led to.
+#[derive(Debug)]
+pub enum Started {
+    /// A new task (202).
+    New(Task),
+    /// The running task for the same image (202).
+    Joined(Task),
+    /// Nothing to do: the host is compliant (200, R12).
+    NothingToDo(Vec<Notification>),
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    task_id: String,
+    digest: ImageDigest,
+}
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    host_id: String,
+    config: Config,
+    trust: RwLock<Arc<TrustStore>>,
+    stager: Stager,
+    state: Mutex<State>,
+    state_file: StateFile,
+    tasks: Tasks,
+    metrics: Metrics,
+    running: Mutex<Option<Running>>,
+    jobs: Mutex<tokio::task::JoinSet<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Assembles an agent from its parts (see `daemon::start`).
+    pub fn new(
+        host_id: String,
+        config: Config,
+        trust: TrustStore,
+        stager: Stager,
+        state: State,
+        tasks: Tasks,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let state_file = StateFile::new(&config.agent.state_dir);
+        Arc::new(Agent {
+            host_id,
+            config,
+            trust: RwLock::new(Arc::new(trust)),
+            stager,
+            state: Mutex::new(state),
+            state_file,
+            tasks,
+            metrics,
+            running: Mutex::new(None),
+            jobs: Mutex::new(tokio::task::JoinSet::new()),
+        })
+    }
+
+    /// The task list.
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The stager (and through it the stores and depot client).
+    pub fn stager(&self) -> &Stager {
+        &self.stager
+    }
+
+    /// Replaces the trust store (SIGHUP).
+    pub fn set_trust(&self, trust: TrustStore) {
+        *self.trust.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(trust);
+    }
+
+    fn trust(&self) -> Arc<TrustStore> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn host_policy(&self) -> HostPolicy {
+        HostPolicy {
+            has_dpus: !self.config.host.dpus.is_empty(),
+            firmware_vendors: self.config.host.firmware_staging_vendors.clone(),
+        }
+    }
+
+    fn save(&self, state: &State) -> Result<(), AgentError> {
+        self.state_file.save(state).map_err(|e| {
+            AgentError::new(ErrorCode::Internal, format!("failed to save agent state: {e}"))
+        })
+    }
+
+    /// Verifies an image; `for_install` adds the host's acceptance level.
+    fn verify(&self, env: &Envelope, for_install: bool) -> Result<VerifiedImage, AgentError> {
+        let trust = self.trust();
+        let now = OffsetDateTime::now_utc();
+        let serials = lock(&self.state).serials.clone();
+        let highest = |name: &vibstage_protocol::Name| serials.get(name).copied();
+        let result = if for_install {
+            verify_image(env, &trust, self.config.agent.acceptance_level, now, highest)
+        } else {
+            verify_image_content(env, &trust, now, highest)
+        };
+        result.map_err(|e| {
+            self.metrics.verification_failed(e.code());
+            e.into()
+        })
+    }
+
+    fn fully_staged(&self, digest: &ImageDigest) -> bool {
+        matches!(self.stager.stores().find(digest), Ok(Some((store, _, record))) if parts_of(&record, store).staged)
+    }
+
+    fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
+        compliance::evaluate(
+            image,
+            state.installed.as_ref(),
+            self.config.agent.acceptance_level,
+            self.host_policy().has_dpus,
+            self.fully_staged(&image.digest),
+        )
+    }
+
+    /// `POST /v1/compliance/check`.
+    pub fn check(&self, env: &Envelope) -> Result<ComplianceReport, AgentError> {
+        let image = self.verify(env, false)?;
+        let mut state = lock(&self.state);
+        let report = self.evaluate(&image, &state);
+        state.compliance = Some(report.clone());
+        self.save(&state)?;
+        Ok(report)
+    }
+
+    /// `POST /v1/stage`: verifies, applies R12, and starts (or joins) the staging task.
+    pub fn stage(self: &Arc<Self>, env: Envelope, depot: String) -> Result<Started, AgentError> {
+        let image = self.verify(&env, true)?;
+        self.stager
+            .fetcher()
+            .depot_url(&depot)
+            .map_err(|e| AgentError::new(e.code(), e.to_string()))?;
+        let mut running = lock(&self.running);
+        if let Some(r) = running.as_ref() {
+            if r.digest == image.digest
+                && let Some(task) = self.tasks.get(&r.task_id)
+            {
+                return Ok(Started::Joined(task));
+            }
+            return Err(AgentError::new(
+                ErrorCode::Busy,
+                format!("task {} is running for another image", r.task_id),
+            ));
+        }
+        let image_ref = ImageRef {
+            name: image.image.name.clone(),
+            serial: image.image.serial,
+            digest: image.digest,
+        };
+        {
+            let mut state = lock(&self.state);
+            // R12: a compliance check first when compliance is unknown for this image; it is
+            // re-evaluated in any case since staged content may have changed since.
+            let report = self.evaluate(&image, &state);
+            state.compliance = Some(report.clone());
+            match report.status {
+                ComplianceStatus::Compliant => {
+                    self.save(&state)?;
+                    return Ok(Started::NothingToDo(vec![Notification {
+                        code: "already_compliant".into(),
+                        message: format!(
+                            "host already runs image {} (serial {}); nothing to stage",
+                            image_ref.name, image_ref.serial
+                        ),
+                        retriable: false,
+                    }]));
+                }
+                ComplianceStatus::Incompatible => {
+                    self.save(&state)?;
+                    let why = report
+                        .notifications
+                        .iter()
+                        .map(|n| n.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return Err(AgentError::new(
+                        ErrorCode::Incompatible,
+                        format!("image {} is incompatible with this host: {why}", image_ref.name),
+                    ));
+                }
+                _ => {}
+            }
+            let serial = state.serials.entry(image.image.name.clone()).or_insert(0);
+            *serial = (*serial).max(image.image.serial);
+            self.save(&state)?;
+        }
+        let progress = Arc::new(StageProgress::default());
+        let task = self.tasks.create(
+            TaskKind::Stage,
+            Some(image_ref),
+            Some(TaskRequest {
+                image: env.clone(),
+                depot: depot.clone(),
+            }),
+            Some(progress.clone()),
+        );
+        *running = Some(Running {
+            task_id: task.id.clone(),
+            digest: image.digest,
+        });
+        drop(running);
+        self.spawn_stage(task.id.clone(), env, image, depot, progress);
+        Ok(Started::New(task))
+    }
+
+    fn spawn_stage(
+        self: &Arc<Self>,
+        task_id: String,
+        env: Envelope,
+        image: VerifiedImage,
+        depot: String,
+        progress: Arc<StageProgress>,
+    ) {
+        let agent = self.clone();
+        lock(&self.jobs).spawn(async move {
+            let installed = lock(&agent.state).installed_vibs();
+            let result = agent
+                .stager
+                .stage(&env, &image, &depot, &installed, &agent.host_policy(), &progress)
+                .await;
+            let mut state = lock(&agent.state);
+            let outcome = match result {
+                Ok(outcome) => {
+                    tracing::info!(image = %image.digest, downloaded = outcome.downloaded, location = %outcome.location.display(), "staged");
+                    state.last_failure = None;
+                    Ok(outcome.record.notifications)
+                }
+                Err(e) => {
+                    tracing::warn!(image = %image.digest, error = %e, "staging failed");
+                    state.last_failure = Some(image.digest);
+                    Err(AgentError::from(e).0)
+                }
+            };
+            let report = agent.evaluate(&image, &state);
+            state.compliance = Some(report);
+            if let Err(e) = agent.save(&state) {
+                tracing::error!(error = %e, "failed to save state after staging");
+            }
+            drop(state);
+            agent.tasks.finish(&task_id, outcome);
+            *lock(&agent.running) = None;
+        });
+    }
+
+    /// Resumes or fails the tasks that were running when the agent last stopped.
+    pub fn resume_interrupted(self: &Arc<Self>, interrupted: Vec<(Task, Option<TaskRequest>)>) {
+        for (task, request) in interrupted {
+            let resumable = task.kind == TaskKind::Stage && lock(&self.running).is_none();
+            let verified = match (&request, resumable) {
+                (Some(req), true) => self.verify(&req.image, true).map(|v| (req.clone(), v)),
+                _ => Err(AgentError::new(
+                    ErrorCode::Internal,
+                    format!("the agent stopped while this {:?} task was running", task.kind),
+                )),
+            };
+            match verified {
+                Ok((req, image)) => {
+                    tracing::info!(task = %task.id, image = %image.digest, "resuming interrupted staging");
+                    let progress = Arc::new(StageProgress::default());
+                    self.tasks.resume(&task.id, progress.clone());
+                    *lock(&self.running) = Some(Running {
+                        task_id: task.id.clone(),
+                        digest: image.digest,
+                    });
+                    self.spawn_stage(task.id, req.image, image, req.depot, progress);
+                }
+                Err(e) => {
+                    tracing::warn!(task = %task.id, error = %e, "interrupted task failed");
+                    self.tasks.finish(&task.id, Err(e.0));
+                }
+            }
+        }
+    }
+
+    /// Stops running jobs (at shutdown). Partial downloads are flushed as their futures drop and
+    /// are resumed on the next start.
+    pub async fn stop_jobs(&self) {
+        let mut jobs = std::mem::take(&mut *lock(&self.jobs));
+        jobs.abort_all();
+        while jobs.join_next().await.is_some() {}
+    }
+
+    /// `GET /v1/staged`.
+    pub fn staged(&self) -> Result<Vec<StagedImage>, AgentError> {
+        let mut out = Vec::new();
+        for (store, persistent) in self.stager.stores().all() {
+            for record in store.records(&mut Vec::new())? {
+                let parts = parts_of(&record, store);
+                out.push(StagedImage {
+                    bytes: record.bytes(),
+                    vibs: record.vibs.len(),
+                    image: record.image,
+                    state: parts.state,
+                    persistent,
+                    location: store.root().display().to_string(),
+                    staged_at: record.staged_at,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// `DELETE /v1/staged/{digest}`.
+    pub fn delete_staged(&self, digest: &ImageDigest) -> Result<(), AgentError> {
+        let running = lock(&self.running);
+        if running.as_ref().is_some_and(|r| r.digest == *digest) {
+            return Err(AgentError::new(ErrorCode::Busy, "the image is being staged or remediated"));
+        }
+        if !self.stager.stores().remove(digest)? {
+            return Err(AgentError::new(ErrorCode::NotFound, format!("no staged image {digest}")));
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/status`.
+    pub fn status(&self) -> Result<HostStatus, AgentError> {
+        let state = lock(&self.state).clone();
+        let running = lock(&self.running).clone();
+        let stores = self.stager.stores();
+        let compliance = match &state.compliance {
+            Some(r) => ComplianceSummary {
+                status: r.status,
+                image: r.image.clone(),
+                checked_at: r.checked_at,
+                notifications: r.notifications.clone(),
+            },
+            None => ComplianceSummary {
+                status: ComplianceStatus::Unknown,
+                image: None,
+                checked_at: None,
+                notifications: Vec::new(),
+            },
+        };
+        // The image of interest: the one last checked, else the newest staged one.
+        let digest = match compliance.image.as_ref() {
+            Some(i) => Some(i.digest),
+            None => self
+                .staged()?
+                .into_iter()
+                .max_by_key(|s| s.staged_at)
+                .map(|s| s.image.digest),
+        };
+        let mut staging = StagingSummary {
+            state: StagingState::None,
+            staged: false,
+            software: SoftwareState::Missing,
+            firmware: FirmwareState::Missing,
+            dpu: DpuState::Missing,
+            persistent: true,
+            location: stores.persistent.root().display().to_string(),
+            bytes: 0,
+        };
+        let mut notifications = compliance.notifications.clone();
+        if let Some(digest) = digest {
+            if let Some((store, persistent, record)) = stores.find(&digest)? {
+                let parts = parts_of(&record, store);
+                staging = StagingSummary {
+                    state: parts.state,
+                    staged: parts.staged,
+                    software: parts.software,
+                    firmware: parts.firmware,
+                    dpu: parts.dpu,
+                    persistent,
+                    location: store.root().display().to_string(),
+                    bytes: record.bytes(),
+                };
+                for n in record.notifications {
+                    if !notifications.contains(&n) {
+                        notifications.push(n);
+                    }
+                }
+            }
+            if running.as_ref().is_some_and(|r| r.digest == digest) {
+                staging.state = StagingState::Staging;
+                staging.software = SoftwareState::Staging;
+            } else if state.last_failure == Some(digest) && staging.state != StagingState::Staged {
+                staging.state = StagingState::Failed;
+                staging.software = SoftwareState::Failed;
+            }
+        }
+        let space = stores.persistent.space()?;
+        Ok(HostStatus {
+            host_id: self.host_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            compliance: ComplianceSummary {
+                notifications,
+                ..compliance
+            },
+            staging,
+            maintenance: MaintenanceSummary {
+                active: state.maintenance_active,
+            },
+            installed: InstalledSummary {
+                image: state.installed.as_ref().map(|i| i.image.clone()),
+                reboot_required: state.reboot_required,
+            },
+            scratch: ScratchSummary {
+                path: stores.persistent.root().display().to_string(),
+                total_bytes: space.total,
+                free_bytes: space.free,
+            },
+            running_task: running.map(|r| r.task_id),
+        })
+    }
+
+    /// Total bytes of staged blobs (for metrics).
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged()
+            .map(|s| s.iter().map(|i| i.bytes).sum())
+            .unwrap_or(0)
+    }
+
+    /// Where the agent keeps its state.
+    pub fn state_dir(&self) -> &Path {
+        &self.config.agent.state_dir
+    }
+
+    /// Tasks by kind and state (for metrics).
+    pub fn task_counts(&self) -> std::collections::HashMap<(TaskKind, TaskState), u64> {
+        let mut counts = std::collections::HashMap::new();
+        for t in self.tasks.list() {
+            *counts.entry((t.kind, t.state)).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Digests of blobs the installed image uses.
+    pub fn installed_vibs(&self) -> BTreeSet<vibstage_protocol::Digest> {
+        lock(&self.state).installed_vibs()
+    }
+}

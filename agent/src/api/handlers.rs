@@ -1,0 +1,188 @@
+//! One handler per route of SPEC §5.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode, header};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use vibstage_protocol::ErrorCode;
+use vibstage_protocol::api::{CheckRequest, StageRequest, StagedList, TaskList, TaskResponse};
+
+use super::{ApiError, ApiState};
+use crate::agent::Started;
+
+/// Longest long-poll accepted.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Parses a JSON request body strictly, with errors in the API's error body.
+fn json_body<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body is larger than {} bytes", super::BODY_LIMIT)
+        } else {
+            format!("failed to read request body: {e}")
+        };
+        ApiError::with_status(status, ErrorCode::BadRequest, message)
+    })?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::with_status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadRequest,
+            "request body must be sent as Content-Type: application/json",
+        ));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid request body: {e}")))
+}
+
+pub async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(s.agent.status()?).into_response())
+}
+
+pub async fn check(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CheckRequest = json_body(&headers, body)?;
+    Ok(Json(s.agent.check(&req.image)?).into_response())
+}
+
+fn started(result: Started) -> Response {
+    match result {
+        Started::New(task) | Started::Joined(task) => (
+            StatusCode::ACCEPTED,
+            Json(TaskResponse {
+                task: Some(task),
+                notifications: Vec::new(),
+            }),
+        )
+            .into_response(),
+        Started::NothingToDo(notifications) => Json(TaskResponse {
+            task: None,
+            notifications,
+        })
+        .into_response(),
+    }
+}
+
+pub async fn stage(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: StageRequest = json_body(&headers, body)?;
+    Ok(started(s.agent.stage(req.image, req.depot)?))
+}
+
+pub async fn remediate(
+    State(_s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let _req: StageRequest = json_body(&headers, body)?;
+    Err(ApiError::with_status(
+        StatusCode::NOT_IMPLEMENTED,
+        ErrorCode::Internal,
+        "remediation is not available in this build of vibstaged",
+    ))
+}
+
+pub async fn tasks(State(s): State<ApiState>) -> Response {
+    Json(TaskList {
+        tasks: s.agent.tasks().list(),
+    })
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    wait: Option<u64>,
+}
+
+pub async fn task(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
+    let task = if wait.is_zero() {
+        s.agent.tasks().get(&id)
+    } else {
+        s.agent.tasks().wait(&id, wait).await
+    };
+    match task {
+        Some(t) => Ok(Json(t).into_response()),
+        None => Err(ApiError::new(ErrorCode::NotFound, format!("no task {id:?}"))),
+    }
+}
+
+pub async fn staged(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(StagedList {
+        staged: s.agent.staged()?,
+    })
+    .into_response())
+}
+
+pub async fn delete_staged(
+    State(s): State<ApiState>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let digest = digest
+        .parse()
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("{e}")))?;
+    s.agent.delete_staged(&digest)?;
+    Ok(Json(serde_json::json!({"deleted": digest})).into_response())
+}
+
+pub async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+pub async fn metrics(State(s): State<ApiState>) -> Response {
+    let tasks: Vec<(String, String, u64)> = s
+        .agent
+        .task_counts()
+        .into_iter()
+        .map(|((k, st), n)| {
+            (
+                serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                serde_json::to_value(st).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                n,
+            )
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.agent.metrics().render(s.agent.staged_bytes(), &tasks),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::with_status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        "method not allowed on this route",
+    )
+}

@@ -1,0 +1,458 @@
+//! `vibstagectl depot add`: put VIB files into a depot directory with their signed descriptors.
+//!
+//! The depot is the static tree of SPEC §1: `vibs/<sha256 hex>` holds the bytes,
+//! `descriptors/<sha256 hex>.json` the DSSE envelope of the VIB descriptor, `images/<name>.json`
+//! the images (see `image create`). Directories are made 0755 and files 0644 so that any static
+//! web server can serve the tree as it is.
+//!
+//! Each file is streamed once through sha256 into a temporary file next to its destination,
+//! fsynced and renamed into `vibs/`; a blob already present with the same digest is left alone
+//! (and the copy dropped), so adding the same file twice is harmless. All arguments and names are
+//! checked before anything is written.
+
+use std::fs::{self, File, Permissions};
+use std::io::{self, BufReader, Write};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use clap::{Subcommand, ValueEnum};
+use ed25519_dalek::SigningKey;
+use sha2::{Digest as _, Sha256};
+use vibstage_protocol::version::Version;
+use vibstage_protocol::{
+    AcceptanceLevel, Digest, Envelope, Name, VIB_PAYLOAD_TYPE, VibDescriptor, VibKind, VibTarget,
+};
+
+use super::{
+    CliError, Context, Existing, emit, emit_json, ensure_dir, io_message, load_signing_key,
+    sync_dir, write_file,
+};
+
+/// Mode of depot directories: readable and searchable by the web server.
+pub(crate) const DIR_MODE: u32 = 0o755;
+/// Mode of depot files: readable by the web server.
+pub(crate) const FILE_MODE: u32 = 0o644;
+
+/// Arguments of `depot`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DepotCommand,
+}
+
+/// The `depot` subcommands.
+#[derive(Debug, Subcommand)]
+#[non_exhaustive]
+pub enum DepotCommand {
+    /// Copy VIB files into the depot by digest and write their signed descriptors.
+    Add(AddArgs),
+}
+
+/// `--kind` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// Host software.
+    Software,
+    /// Hardware firmware.
+    Firmware,
+}
+
+/// `--target` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    /// The host itself.
+    Host,
+    /// The host's DPUs.
+    Dpu,
+}
+
+/// Arguments of `depot add`.
+#[derive(Debug, clap::Args)]
+pub struct AddArgs {
+    /// The depot directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub depot: PathBuf,
+    /// Private key (PKCS#8 PEM) that signs the descriptors: a `vib` key of the trust store.
+    #[arg(long, value_name = "K")]
+    pub key: PathBuf,
+    /// Component the VIBs belong to.
+    #[arg(long, value_name = "C")]
+    pub component: Name,
+    /// That component's version.
+    #[arg(long, value_name = "V")]
+    pub component_version: String,
+    /// Vendor (for firmware, the hardware vendor that hosts list in firmware_staging_vendors).
+    #[arg(long, value_name = "X")]
+    pub vendor: String,
+    /// Acceptance level: certified, accepted, partner or community.
+    #[arg(long, value_name = "L")]
+    pub acceptance: AcceptanceLevel,
+    /// Software or firmware.
+    #[arg(long, value_enum, default_value = "software")]
+    pub kind: KindArg,
+    /// Installed on the host or on its DPUs.
+    #[arg(long, value_enum, default_value = "host")]
+    pub target: TargetArg,
+    /// VIB name [default: the file name without its extension]; only with a single FILE.
+    #[arg(long, value_name = "N")]
+    pub name: Option<Name>,
+    /// VIB version [default: the component version].
+    #[arg(long, value_name = "V")]
+    pub version: Option<String>,
+    /// Installing these VIBs does not need maintenance mode.
+    #[arg(long)]
+    pub no_maintenance_mode: bool,
+    /// Installing these VIBs does not need a reboot.
+    #[arg(long)]
+    pub no_reboot_required: bool,
+    /// The VIB files.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// The descriptor fields shared by every file of one `depot add`.
+#[derive(Debug, Clone)]
+pub struct VibSpec {
+    /// Component name.
+    pub component: Name,
+    /// Component version.
+    pub component_version: Version,
+    /// Vendor.
+    pub vendor: String,
+    /// Acceptance level claimed.
+    pub acceptance: AcceptanceLevel,
+    /// Software or firmware.
+    pub kind: VibKind,
+    /// Host or DPU.
+    pub target: VibTarget,
+    /// VIB version (defaults to the component version).
+    pub version: Option<Version>,
+    /// Whether installing needs maintenance mode.
+    pub maintenance_mode: bool,
+    /// Whether installing needs a reboot.
+    pub reboot_required: bool,
+}
+
+impl VibSpec {
+    fn descriptor(&self, name: Name, sha256: Digest, size: u64) -> VibDescriptor {
+        VibDescriptor {
+            name,
+            version: self
+                .version
+                .clone()
+                .unwrap_or_else(|| self.component_version.clone()),
+            vendor: self.vendor.clone(),
+            component: self.component.clone(),
+            component_version: self.component_version.clone(),
+            acceptance: self.acceptance,
+            kind: self.kind,
+            target: self.target,
+            sha256,
+            size,
+            maintenance_mode: self.maintenance_mode,
+            reboot_required: self.reboot_required,
+        }
+    }
+}
+
+/// One file added to the depot.
+#[derive(Debug, Clone)]
+pub struct AddedVib {
+    /// The signed descriptor's content.
+    pub descriptor: VibDescriptor,
+    /// `vibs/<hex>` in the depot.
+    pub blob: PathBuf,
+    /// `descriptors/<hex>.json` in the depot.
+    pub descriptor_path: PathBuf,
+    /// The blob was already in the depot (with the same digest) and was not copied again.
+    pub already_present: bool,
+}
+
+/// The VIB name for `file`: `name` if given, else the file name without its extension.
+fn vib_name(file: &Path, name: Option<&Name>) -> Result<Name, CliError> {
+    if let Some(name) = name {
+        return Ok(name.clone());
+    }
+    let stem = file.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
+        CliError::Usage(format!(
+            "cannot derive a VIB name from {}; pass --name",
+            file.display()
+        ))
+    })?;
+    stem.parse().map_err(|e| {
+        CliError::Usage(format!(
+            "cannot use the name of {} as a VIB name ({e}); pass --name",
+            file.display()
+        ))
+    })
+}
+
+/// A writer that hashes what it passes on.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// sha256 and length of a file already on disk, streamed.
+fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut writer = HashingWriter {
+        inner: io::sink(),
+        hasher: Sha256::new(),
+    };
+    let size = io::copy(
+        &mut BufReader::with_capacity(1 << 16, File::open(path)?),
+        &mut writer,
+    )?;
+    Ok((Digest::from_bytes(writer.hasher.finalize().into()), size))
+}
+
+/// Streams `file` into `vibs/` under its digest. Returns the digest, size and whether an
+/// identical blob was already there.
+fn store_blob(vibs: &Path, file: &Path) -> Result<(Digest, u64, bool), CliError> {
+    let source =
+        File::open(file).map_err(|e| CliError::config("VIB file", file, io_message(&e)))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(vibs)
+        .map_err(|e| CliError::io("create a temporary file in", vibs, e))?;
+    let mut writer = HashingWriter {
+        inner: tmp,
+        hasher: Sha256::new(),
+    };
+    let size = io::copy(&mut BufReader::with_capacity(1 << 16, source), &mut writer)
+        .map_err(|e| CliError::io("copy", file, e))?;
+    let HashingWriter { inner: tmp, hasher } = writer;
+    let digest = Digest::from_bytes(hasher.finalize().into());
+    let dest = vibs.join(digest.to_hex());
+
+    if let Ok((existing, existing_size)) = hash_file(&dest)
+        && existing == digest
+        && existing_size == size
+    {
+        return Ok((digest, size, true));
+    }
+    tmp.as_file()
+        .set_permissions(Permissions::from_mode(FILE_MODE))
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| CliError::io("write", &dest, e))?;
+    tmp.persist(&dest)
+        .map_err(|e| CliError::io("write", &dest, e.error))?;
+    sync_dir(vibs)?;
+    Ok((digest, size, false))
+}
+
+/// Adds `files` to the depot at `depot`, signing each descriptor with `key`. Every name and
+/// descriptor field is checked before the first byte is written.
+pub fn add(
+    depot: &Path,
+    key: &SigningKey,
+    spec: &VibSpec,
+    name: Option<&Name>,
+    files: &[PathBuf],
+) -> Result<Vec<AddedVib>, CliError> {
+    if name.is_some() && files.len() > 1 {
+        return Err(CliError::Usage(
+            "--name applies to a single FILE; name several files by their file names".into(),
+        ));
+    }
+    let mut planned: Vec<(Name, &PathBuf)> = Vec::new();
+    for file in files {
+        let meta =
+            fs::metadata(file).map_err(|e| CliError::config("VIB file", file, io_message(&e)))?;
+        if !meta.is_file() {
+            return Err(CliError::config("VIB file", file, "not a regular file"));
+        }
+        let vib = vib_name(file, name)?;
+        if let Some((_, other)) = planned.iter().find(|(n, _)| *n == vib) {
+            return Err(CliError::Usage(format!(
+                "{} and {} would both be VIB {vib} of component {}",
+                other.display(),
+                file.display(),
+                spec.component
+            )));
+        }
+        // The digest and size do not matter for the text checks.
+        spec.descriptor(vib.clone(), Digest::of(b""), 0)
+            .validate()
+            .map_err(|e| CliError::Usage(format!("VIB {vib} from {}: {e}", file.display())))?;
+        planned.push((vib, file));
+    }
+
+    let vibs = depot.join("vibs");
+    let descriptors = depot.join("descriptors");
+    for dir in [depot, &vibs, &descriptors] {
+        ensure_dir(dir, DIR_MODE)?;
+    }
+
+    let mut added = Vec::new();
+    for (vib, file) in planned {
+        let (digest, size, already_present) = store_blob(&vibs, file)?;
+        let descriptor = spec.descriptor(vib, digest, size);
+        let payload = serde_json::to_vec(&descriptor)
+            .map_err(|e| CliError::io("encode descriptor of", file, e.into()))?;
+        let envelope = Envelope::sign(VIB_PAYLOAD_TYPE, payload, key);
+        let mut json = serde_json::to_vec_pretty(&envelope)
+            .map_err(|e| CliError::io("encode descriptor of", file, e.into()))?;
+        json.push(b'\n');
+        let descriptor_path = descriptors.join(format!("{}.json", digest.to_hex()));
+        write_file(&descriptor_path, &json, FILE_MODE, Existing::Replace)?;
+        added.push(AddedVib {
+            descriptor,
+            blob: vibs.join(digest.to_hex()),
+            descriptor_path,
+            already_present,
+        });
+    }
+    Ok(added)
+}
+
+/// Runs `depot`.
+pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
+    match args.command {
+        DepotCommand::Add(a) => {
+            let key = load_signing_key(&a.key)?;
+            let spec = VibSpec {
+                component: a.component,
+                component_version: Version(a.component_version),
+                vendor: a.vendor,
+                acceptance: a.acceptance,
+                kind: match a.kind {
+                    KindArg::Software => VibKind::Software,
+                    KindArg::Firmware => VibKind::Firmware,
+                },
+                target: match a.target {
+                    TargetArg::Host => VibTarget::Host,
+                    TargetArg::Dpu => VibTarget::Dpu,
+                },
+                version: a.version.map(Version),
+                maintenance_mode: !a.no_maintenance_mode,
+                reboot_required: !a.no_reboot_required,
+            };
+            let added = add(&a.depot, &key, &spec, a.name.as_ref(), &a.files)?;
+            if ctx.json {
+                let list: Vec<serde_json::Value> = added
+                    .iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "name": v.descriptor.name,
+                            "sha256": v.descriptor.sha256,
+                            "size": v.descriptor.size,
+                            "blob": v.blob,
+                            "descriptor": v.descriptor_path,
+                            "already_present": v.already_present,
+                        })
+                    })
+                    .collect();
+                return emit_json(out, &serde_json::Value::Array(list));
+            }
+            for v in &added {
+                emit(
+                    out,
+                    format_args!(
+                        "{} {} {}",
+                        v.descriptor.name, v.descriptor.sha256, v.descriptor.size
+                    ),
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vibstage_protocol::dsse::key_id;
+
+    fn spec() -> VibSpec {
+        VibSpec {
+            component: "ESXi".parse().expect("name"),
+            component_version: Version("8.0.2-0.20".into()),
+            vendor: "acme".into(),
+            acceptance: AcceptanceLevel::Partner,
+            kind: VibKind::Software,
+            target: VibTarget::Host,
+            version: None,
+            maintenance_mode: true,
+            reboot_required: true,
+        }
+    }
+
+    #[test]
+    fn adds_by_digest_and_is_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("esx-base.vib");
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&file, &bytes).expect("write");
+        let depot = dir.path().join("depot");
+        let key = SigningKey::from_bytes(&[7; 32]);
+
+        let first = add(&depot, &key, &spec(), None, std::slice::from_ref(&file)).expect("add");
+        let d = &first[0].descriptor;
+        assert_eq!(d.name.as_str(), "esx-base");
+        assert_eq!(d.version.as_str(), "8.0.2-0.20");
+        assert_eq!(d.sha256, Digest::of(&bytes));
+        assert_eq!(d.size, bytes.len() as u64);
+        assert!(!first[0].already_present);
+        assert_eq!(fs::read(&first[0].blob).expect("blob"), bytes);
+
+        let env: Envelope =
+            serde_json::from_slice(&fs::read(&first[0].descriptor_path).expect("read"))
+                .expect("envelope");
+        assert_eq!(env.signatures[0].keyid, key_id(&key.verifying_key()));
+        assert!(env.signature_verifies(&env.signatures[0], &key.verifying_key()));
+
+        let second = add(&depot, &key, &spec(), None, &[file]).expect("again");
+        assert!(second[0].already_present);
+        let leftovers = fs::read_dir(depot.join("vibs"))
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn checks_everything_before_writing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("ok.vib");
+        let bad = dir.path().join("bad name.vib");
+        fs::write(&good, b"a").expect("write");
+        fs::write(&bad, b"b").expect("write");
+        let depot = dir.path().join("depot");
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let e = add(&depot, &key, &spec(), None, &[good.clone(), bad]).expect_err("bad name");
+        assert!(e.to_string().contains("bad name.vib"), "{e}");
+        assert!(!depot.exists());
+
+        let mut empty_vendor = spec();
+        empty_vendor.vendor.clear();
+        assert!(
+            add(
+                &depot,
+                &key,
+                &empty_vendor,
+                None,
+                std::slice::from_ref(&good)
+            )
+            .is_err()
+        );
+        let missing = dir.path().join("missing.vib");
+        let e = add(&depot, &key, &spec(), None, &[missing]).expect_err("missing");
+        assert_eq!(e.exit_code(), 2);
+        assert!(!depot.exists());
+    }
+}

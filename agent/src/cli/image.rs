@@ -1,0 +1,683 @@
+//! `vibstagectl image create` and `image verify`: signed images built from a depot's descriptors,
+//! and the agent's acceptance rule run offline.
+//!
+//! `create` reads `descriptors/*.json` of a depot, picks the descriptors of each requested
+//! `--component C=V`, and writes `images/<name>.json`: the DSSE envelope of an [`Image`] that
+//! carries those descriptor envelopes inline (SPEC §2). It does not verify the descriptors (it
+//! has no trust store); unparseable ones are skipped with a warning.
+//!
+//! `verify` runs [`vibstage_protocol::verify_image`] exactly as an agent would, with the given
+//! image keys, VIB keys trusted up to `certified`, the given host acceptance level, the current
+//! time and no rollback history, and reports what it verified. A refusal prints
+//! `error: <code>: <message>` and exits 1.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Subcommand;
+use ed25519_dalek::VerifyingKey;
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime, UtcOffset};
+use vibstage_protocol::dsse::key_id;
+use vibstage_protocol::version::Version;
+use vibstage_protocol::{
+    AcceptanceLevel, Component, Digest, Envelope, ErrorCode, IMAGE_PAYLOAD_TYPE, Image,
+    ImageDigest, KeyId, KeyRole, Name, TrustStore, TrustedKey, VIB_PAYLOAD_TYPE, VerifiedImage,
+    VibDescriptor, VibKind, VibTarget, verify_image,
+};
+
+use super::depot::{DIR_MODE, FILE_MODE};
+use super::{
+    CliError, Context, Existing, emit, emit_json, ensure_dir, io_message, load_signing_key,
+    load_verifying_key, write_file,
+};
+
+/// How long an image is valid when `--expires` is not given.
+pub const DEFAULT_LIFETIME_DAYS: i64 = 30;
+
+/// Arguments of `image`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// The `image` subcommands.
+#[derive(Debug, Subcommand)]
+#[non_exhaustive]
+pub enum ImageCommand {
+    /// Write a signed images/NAME.json from the depot's descriptors.
+    Create(CreateArgs),
+    /// Verify an image as an agent with these keys would.
+    Verify(VerifyArgs),
+}
+
+/// A `--component C=V` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentRef {
+    /// Component name.
+    pub name: Name,
+    /// Component version.
+    pub version: Version,
+}
+
+impl FromStr for ComponentRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, version) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected COMPONENT=VERSION, got {s:?}"))?;
+        let name = name.parse::<Name>().map_err(|e| e.to_string())?;
+        check_text("component version", version)?;
+        Ok(Self {
+            name,
+            version: Version(version.to_owned()),
+        })
+    }
+}
+
+/// Refuses what an agent would refuse in a version string: empty, over 64 bytes, control
+/// characters.
+fn check_text(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if value.len() > 64 {
+        return Err(format!("{what} is longer than 64 bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{what} contains control characters"));
+    }
+    Ok(())
+}
+
+fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map(|t| t.to_offset(UtcOffset::UTC))
+        .map_err(|e| format!("expected an RFC 3339 time such as 2027-01-01T00:00:00Z: {e}"))
+}
+
+/// Arguments of `image create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The depot directory; its descriptors/ are read and images/NAME.json is written.
+    #[arg(long, value_name = "DIR")]
+    pub depot: PathBuf,
+    /// Private key (PKCS#8 PEM) that signs the image: an `image` key of the trust store.
+    #[arg(long, value_name = "K")]
+    pub key: PathBuf,
+    /// Image name.
+    #[arg(long, value_name = "N")]
+    pub name: Name,
+    /// Serial: must not go down between releases of the same name.
+    #[arg(long, value_name = "S")]
+    pub serial: u64,
+    /// Expiry time, RFC 3339 [default: 30 days from now].
+    #[arg(long, value_name = "T", value_parser = parse_rfc3339)]
+    pub expires: Option<OffsetDateTime>,
+    /// Base image version.
+    #[arg(long, value_name = "V")]
+    pub base_image: String,
+    /// A component and its version, C=V; repeatable.
+    #[arg(long = "component", value_name = "C=V", required = true)]
+    pub components: Vec<ComponentRef>,
+}
+
+/// Arguments of `image verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Public key (SPKI PEM) trusted to sign images; repeatable.
+    #[arg(long = "image-key", value_name = "PUB", required = true)]
+    pub image_keys: Vec<PathBuf>,
+    /// Public key (SPKI PEM) trusted to sign VIB descriptors up to certified; repeatable.
+    #[arg(long = "vib-key", value_name = "PUB", required = true)]
+    pub vib_keys: Vec<PathBuf>,
+    /// The host acceptance level to check against.
+    #[arg(long, value_name = "L", default_value = "partner")]
+    pub acceptance: AcceptanceLevel,
+    /// The image file (a DSSE envelope).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// What `image create` builds.
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    /// Image name.
+    pub name: Name,
+    /// Serial.
+    pub serial: u64,
+    /// Expiry.
+    pub expires: OffsetDateTime,
+    /// Base image version.
+    pub base_image: Version,
+    /// Components, in image order.
+    pub components: Vec<ComponentRef>,
+}
+
+/// An image written to a depot.
+#[derive(Debug, Clone)]
+pub struct CreatedImage {
+    /// `images/<name>.json`.
+    pub path: PathBuf,
+    /// `sha256:` of the payload.
+    pub digest: ImageDigest,
+    /// The payload.
+    pub image: Image,
+}
+
+/// A descriptor envelope found in the depot, with its parsed (unverified) content.
+struct Found {
+    path: PathBuf,
+    envelope: Envelope,
+    descriptor: VibDescriptor,
+}
+
+/// Reads every parseable descriptor envelope of a depot, warning about the rest.
+fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
+    let entries = fs::read_dir(dir)
+        .map_err(|e| CliError::config("depot descriptors", dir, io_message(&e)))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| CliError::io("list", dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let parsed = fs::read(&path)
+            .map_err(|e| io_message(&e))
+            .and_then(|bytes| {
+                serde_json::from_slice::<Envelope>(&bytes)
+                    .map_err(|e| format!("not a DSSE envelope: {e}"))
+            })
+            .and_then(|envelope| {
+                if envelope.payload_type != VIB_PAYLOAD_TYPE {
+                    return Err(format!("payloadType is {:?}", envelope.payload_type));
+                }
+                let descriptor = serde_json::from_slice::<VibDescriptor>(&envelope.payload)
+                    .map_err(|e| format!("not a VIB descriptor: {e}"))?;
+                Ok((envelope, descriptor))
+            });
+        match parsed {
+            Ok((envelope, descriptor)) => found.push(Found {
+                path,
+                envelope,
+                descriptor,
+            }),
+            Err(why) => eprintln!("warning: skipping {}: {why}", path.display()),
+        }
+    }
+    // Directory order is arbitrary; images should not be.
+    found.sort_by(|a, b| {
+        (
+            &a.descriptor.name,
+            target_str(a.descriptor.target),
+            a.descriptor.sha256,
+        )
+            .cmp(&(
+                &b.descriptor.name,
+                target_str(b.descriptor.target),
+                b.descriptor.sha256,
+            ))
+    });
+    Ok(found)
+}
+
+/// Builds, signs and writes `images/<name>.json` from the depot's descriptors.
+pub fn create(
+    depot: &Path,
+    key: &ed25519_dalek::SigningKey,
+    spec: &ImageSpec,
+    now: OffsetDateTime,
+) -> Result<CreatedImage, CliError> {
+    check_text("--base-image", spec.base_image.as_str()).map_err(CliError::Usage)?;
+    for (i, c) in spec.components.iter().enumerate() {
+        if spec.components[..i].iter().any(|o| o.name == c.name) {
+            return Err(CliError::Usage(format!(
+                "component {} is given twice; an image holds one version of each component",
+                c.name
+            )));
+        }
+    }
+    let found = read_descriptors(&depot.join("descriptors"))?;
+
+    let mut components = Vec::new();
+    for want in &spec.components {
+        let selected: Vec<&Found> = found
+            .iter()
+            .filter(|f| {
+                f.descriptor.component == want.name
+                    && f.descriptor.component_version == want.version
+            })
+            .collect();
+        if selected.is_empty() {
+            return Err(CliError::Usage(format!(
+                "no descriptor in {} belongs to component {} {}",
+                depot.join("descriptors").display(),
+                want.name,
+                want.version
+            )));
+        }
+        // An agent refuses an image listing a VIB name twice for one target.
+        let mut seen: BTreeMap<(&Name, &str), &Path> = BTreeMap::new();
+        for f in &selected {
+            let k = (&f.descriptor.name, target_str(f.descriptor.target));
+            if let Some(other) = seen.insert(k, &f.path) {
+                return Err(CliError::Usage(format!(
+                    "component {} {} has two VIBs named {} for target {}: {} and {}; remove one",
+                    want.name,
+                    want.version,
+                    f.descriptor.name,
+                    k.1,
+                    other.display(),
+                    f.path.display()
+                )));
+            }
+        }
+        components.push(Component {
+            name: want.name.clone(),
+            version: want.version.clone(),
+            vibs: selected.iter().map(|f| f.envelope.clone()).collect(),
+        });
+    }
+    if spec.expires <= now {
+        eprintln!(
+            "warning: image {} expires at {}, which is not in the future; agents will refuse it",
+            spec.name,
+            rfc3339(spec.expires)
+        );
+    }
+
+    let image = Image {
+        name: spec.name.clone(),
+        serial: spec.serial,
+        expires: spec.expires,
+        base_image: spec.base_image.clone(),
+        components,
+    };
+    let path = depot.join("images").join(format!("{}.json", image.name));
+    let payload =
+        serde_json::to_vec(&image).map_err(|e| CliError::io("encode image", &path, e.into()))?;
+    let digest = ImageDigest(Digest::of(&payload));
+    let envelope = Envelope::sign(IMAGE_PAYLOAD_TYPE, payload, key);
+    let mut json = serde_json::to_vec_pretty(&envelope)
+        .map_err(|e| CliError::io("encode image", &path, e.into()))?;
+    json.push(b'\n');
+    ensure_dir(depot, DIR_MODE)?;
+    ensure_dir(&depot.join("images"), DIR_MODE)?;
+    write_file(&path, &json, FILE_MODE, Existing::Replace)?;
+    Ok(CreatedImage {
+        path,
+        digest,
+        image,
+    })
+}
+
+/// An image that passed verification, with the keys that signed it.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The verified image and its VIBs.
+    pub image: VerifiedImage,
+    /// Image keys whose signatures verified.
+    pub signers: Vec<KeyId>,
+    /// The host acceptance level it was checked against.
+    pub acceptance: AcceptanceLevel,
+}
+
+fn bad_request(message: String) -> CliError {
+    CliError::Failed {
+        code: ErrorCode::BadRequest,
+        message,
+    }
+}
+
+/// Verifies the image in `file` as an agent trusting `image_keys` for images and `vib_keys` for
+/// descriptors up to `certified` would, at `host` acceptance level and time `now`.
+pub fn verify(
+    file: &Path,
+    image_keys: &[VerifyingKey],
+    vib_keys: &[VerifyingKey],
+    host: AcceptanceLevel,
+    now: OffsetDateTime,
+) -> Result<Verified, CliError> {
+    let bytes = fs::read(file).map_err(|e| {
+        bad_request(format!(
+            "failed to read image {}: {}",
+            file.display(),
+            io_message(&e)
+        ))
+    })?;
+    let envelope: Envelope = serde_json::from_slice(&bytes)
+        .map_err(|e| bad_request(format!("{} is not a DSSE envelope: {e}", file.display())))?;
+    let keys = image_keys
+        .iter()
+        .map(|k| TrustedKey::new(*k, KeyRole::Image))
+        .chain(vib_keys.iter().map(|k| {
+            TrustedKey::new(
+                *k,
+                KeyRole::Vib {
+                    max_acceptance: AcceptanceLevel::Certified,
+                },
+            )
+        }))
+        .collect();
+    let store = TrustStore::new(keys);
+    let image =
+        verify_image(&envelope, &store, host, now, |_| None).map_err(|e| CliError::Failed {
+            code: e.code(),
+            message: format!("{}: {e}", file.display()),
+        })?;
+    let mut signers: Vec<KeyId> = Vec::new();
+    for sig in &envelope.signatures {
+        for k in image_keys {
+            let id = key_id(k);
+            if id == sig.keyid && envelope.signature_verifies(sig, k) && !signers.contains(&id) {
+                signers.push(id);
+            }
+        }
+    }
+    Ok(Verified {
+        image,
+        signers,
+        acceptance: host,
+    })
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+fn kind_str(kind: VibKind) -> &'static str {
+    match kind {
+        VibKind::Software => "software",
+        VibKind::Firmware => "firmware",
+        _ => "unknown",
+    }
+}
+
+fn target_str(target: VibTarget) -> &'static str {
+    match target {
+        VibTarget::Host => "host",
+        VibTarget::Dpu => "dpu",
+        _ => "unknown",
+    }
+}
+
+fn join_ids(ids: &[KeyId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The JSON report of a verified image.
+pub fn verified_json(v: &Verified) -> serde_json::Value {
+    let image = &v.image.image;
+    let components: Vec<serde_json::Value> = image
+        .components
+        .iter()
+        .map(|c| {
+            let vibs: Vec<serde_json::Value> = v
+                .image
+                .vibs
+                .iter()
+                .filter(|vib| vib.descriptor.component == c.name)
+                .map(|vib| {
+                    let mut value =
+                        serde_json::to_value(&vib.descriptor).unwrap_or(serde_json::Value::Null);
+                    if let Some(obj) = value.as_object_mut() {
+                        obj.insert("signers".into(), serde_json::json!(vib.signers));
+                    }
+                    value
+                })
+                .collect();
+            serde_json::json!({"name": c.name, "version": c.version, "vibs": vibs})
+        })
+        .collect();
+    serde_json::json!({
+        "verified": true,
+        "name": image.name,
+        "serial": image.serial,
+        "digest": v.image.digest,
+        "expires": rfc3339(image.expires),
+        "base_image": image.base_image,
+        "acceptance": v.acceptance,
+        "signers": v.signers,
+        "components": components,
+    })
+}
+
+fn print_verified(v: &Verified, out: &mut dyn Write) -> Result<(), CliError> {
+    let image = &v.image.image;
+    emit(
+        out,
+        format_args!("verified image {} serial {}", image.name, image.serial),
+    )?;
+    emit(out, format_args!("  digest:     {}", v.image.digest))?;
+    emit(
+        out,
+        format_args!("  expires:    {}", rfc3339(image.expires)),
+    )?;
+    emit(out, format_args!("  base image: {}", image.base_image))?;
+    emit(
+        out,
+        format_args!("  acceptance: {} or higher", v.acceptance),
+    )?;
+    emit(out, format_args!("  signed by:  {}", join_ids(&v.signers)))?;
+    for c in &image.components {
+        emit(out, format_args!("  component {} {}", c.name, c.version))?;
+        for vib in v
+            .image
+            .vibs
+            .iter()
+            .filter(|vib| vib.descriptor.component == c.name)
+        {
+            let d = &vib.descriptor;
+            emit(
+                out,
+                format_args!(
+                    "    {} {} {} {} {} {} sha256:{} vendor {} signed by {}",
+                    d.name,
+                    d.version,
+                    kind_str(d.kind),
+                    target_str(d.target),
+                    d.acceptance,
+                    d.size,
+                    d.sha256,
+                    d.vendor,
+                    join_ids(&vib.signers)
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `image`.
+pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
+    match args.command {
+        ImageCommand::Create(a) => {
+            let key = load_signing_key(&a.key)?;
+            let now = OffsetDateTime::now_utc();
+            let default_expiry = (now + Duration::days(DEFAULT_LIFETIME_DAYS))
+                .replace_nanosecond(0)
+                .unwrap_or(now + Duration::days(DEFAULT_LIFETIME_DAYS));
+            let spec = ImageSpec {
+                name: a.name,
+                serial: a.serial,
+                expires: a.expires.unwrap_or(default_expiry),
+                base_image: Version(a.base_image),
+                components: a.components,
+            };
+            let created = create(&a.depot, &key, &spec, now)?;
+            if ctx.json {
+                return emit_json(
+                    out,
+                    &serde_json::json!({
+                        "image": created.path,
+                        "name": created.image.name,
+                        "serial": created.image.serial,
+                        "expires": rfc3339(created.image.expires),
+                        "digest": created.digest,
+                    }),
+                );
+            }
+            emit(out, created.digest)
+        }
+        ImageCommand::Verify(a) => {
+            let image_keys = a
+                .image_keys
+                .iter()
+                .map(|p| load_verifying_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let vib_keys = a
+                .vib_keys
+                .iter()
+                .map(|p| load_verifying_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let verified = verify(
+                &a.file,
+                &image_keys,
+                &vib_keys,
+                a.acceptance,
+                OffsetDateTime::now_utc(),
+            )?;
+            if ctx.json {
+                emit_json(out, &verified_json(&verified))
+            } else {
+                print_verified(&verified, out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::depot::{VibSpec, add};
+    use ed25519_dalek::SigningKey;
+
+    fn spec(component: &str, acceptance: AcceptanceLevel) -> VibSpec {
+        VibSpec {
+            component: component.parse().expect("name"),
+            component_version: Version("1.0".into()),
+            vendor: "acme".into(),
+            acceptance,
+            kind: VibKind::Software,
+            target: VibTarget::Host,
+            version: None,
+            maintenance_mode: true,
+            reboot_required: true,
+        }
+    }
+
+    #[test]
+    fn create_then_verify_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let depot = dir.path().join("depot");
+        let vib_key = SigningKey::from_bytes(&[1; 32]);
+        let image_key = SigningKey::from_bytes(&[2; 32]);
+        for (name, component) in [("a", "A"), ("b", "A"), ("c", "B")] {
+            let file = dir.path().join(format!("{name}.vib"));
+            fs::write(&file, name).expect("write");
+            add(
+                &depot,
+                &vib_key,
+                &spec(component, AcceptanceLevel::Partner),
+                None,
+                &[file],
+            )
+            .expect("add");
+        }
+        fs::write(depot.join("descriptors").join("junk.json"), "{").expect("junk");
+        let now = OffsetDateTime::now_utc();
+        let image_spec = ImageSpec {
+            name: "img".parse().expect("name"),
+            serial: 3,
+            expires: now + Duration::days(1),
+            base_image: Version("1.0".into()),
+            components: vec!["B=1.0".parse().expect("c"), "A=1.0".parse().expect("c")],
+        };
+        let created = create(&depot, &image_key, &image_spec, now).expect("create");
+        assert_eq!(created.image.components[0].name.as_str(), "B");
+        assert_eq!(created.image.components[1].vibs.len(), 2);
+
+        let v = verify(
+            &created.path,
+            &[image_key.verifying_key()],
+            &[vib_key.verifying_key()],
+            AcceptanceLevel::Partner,
+            now,
+        )
+        .expect("verify");
+        assert_eq!(v.image.digest, created.digest);
+        assert_eq!(v.signers, [key_id(&image_key.verifying_key())]);
+        assert_eq!(v.image.vibs.len(), 3);
+        let json = verified_json(&v);
+        assert_eq!(json["components"][1]["vibs"][1]["name"], "b");
+
+        let e = verify(
+            &created.path,
+            &[vib_key.verifying_key()],
+            &[vib_key.verifying_key()],
+            AcceptanceLevel::Partner,
+            now,
+        )
+        .expect_err("wrong role");
+        assert!(matches!(
+            e,
+            CliError::Failed {
+                code: ErrorCode::UntrustedKey,
+                ..
+            }
+        ));
+
+        let missing = ImageSpec {
+            components: vec!["Z=1.0".parse().expect("c")],
+            ..image_spec
+        };
+        assert_eq!(
+            create(&depot, &image_key, &missing, now)
+                .expect_err("missing")
+                .exit_code(),
+            2
+        );
+    }
+
+    #[test]
+    fn component_arguments_are_checked() {
+        assert!("ESXi=8.0".parse::<ComponentRef>().is_ok());
+        assert!("ESXi".parse::<ComponentRef>().is_err());
+        assert!("ESXi=".parse::<ComponentRef>().is_err());
+        assert!("../x=1".parse::<ComponentRef>().is_err());
+    }
+
+    #[test]
+    fn unreadable_input_is_bad_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("img.json");
+        fs::write(&file, "not json").expect("write");
+        let e = verify(
+            &file,
+            &[],
+            &[],
+            AcceptanceLevel::Partner,
+            OffsetDateTime::now_utc(),
+        )
+        .expect_err("bad");
+        assert!(matches!(
+            e,
+            CliError::Failed {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
+        assert_eq!(e.exit_code(), 1);
+    }
+}

@@ -1,0 +1,296 @@
+//! `vibstaged`: loads the configuration, recovers the stores, serves the API on both listeners,
+//! and handles signals (SIGTERM/SIGINT stop, SIGHUP reloads) and systemd notification.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use vibstage_protocol::dsse::verifying_key_from_pem;
+use vibstage_protocol::{AcceptanceLevel, KeyRole, TrustStore, TrustedKey};
+
+use crate::agent::Agent;
+use crate::api::{self, Access, ApiState};
+use crate::config::{Config, ConfigError, RoleName};
+use crate::fetch::{FetchConfig, Fetcher};
+use crate::fsutil;
+use crate::metrics::Metrics;
+use crate::server::{self, Listener, TlsConfig};
+use crate::stage::{Stager, Stores};
+use crate::state::StateFile;
+use crate::store::Store;
+use crate::tasks::Tasks;
+
+/// Partial downloads untouched for this long are removed at start.
+const MAX_PARTIAL_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The configuration (or a file it names) is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Anything else, with context.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl DaemonError {
+    fn runtime(context: &str, e: impl std::fmt::Display) -> Self {
+        DaemonError::Runtime(format!("{context}: {e}"))
+    }
+}
+
+/// Loads the trust store the configuration names.
+pub fn load_trust(config: &Config, path: &Path) -> Result<TrustStore, ConfigError> {
+    let mut keys = Vec::new();
+    for entry in &config.trust.keys {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "trust.keys.file",
+            message,
+        };
+        let pem = std::fs::read_to_string(&entry.file)
+            .map_err(|e| invalid(format!("{}: {e}", entry.file.display())))?;
+        let key = verifying_key_from_pem(&pem)
+            .map_err(|e| invalid(format!("{}: {e}", entry.file.display())))?;
+        let role = match entry.role {
+            RoleName::Image => KeyRole::Image,
+            RoleName::Vib => KeyRole::Vib {
+                max_acceptance: entry.max_acceptance.unwrap_or(AcceptanceLevel::Partner),
+            },
+        };
+        keys.push(TrustedKey::new(key, role));
+    }
+    Ok(TrustStore::new(keys).with_threshold(config.trust.threshold))
+}
+
+fn tls_config(config: &Config, path: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    crate::tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca).map_err(|e| {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "tls",
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Validates a configuration the way start-up would, without starting (`--check-config`).
+pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    load_trust(&config, path)?;
+    if !config.listen.tcp.is_empty() {
+        tls_config(&config, path)?;
+    }
+    if !config.depot.ca.as_os_str().is_empty() {
+        std::fs::read(&config.depot.ca).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "depot.ca",
+            message: format!("{}: {e}", config.depot.ca.display()),
+        })?;
+    }
+    Ok(config)
+}
+
+fn host_id(config: &Config) -> String {
+    config
+        .agent
+        .host_id
+        .as_ref()
+        .map(|h| h.to_string())
+        .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn open_store(path: &Path) -> Result<Store, DaemonError> {
+    let (store, fixed) =
+        Store::open(path).map_err(|e| DaemonError::runtime("cannot open the staging store", e))?;
+    for f in fixed {
+        tracing::warn!(fix = %f, "tightened permissions");
+    }
+    let rec = store
+        .recover(false, MAX_PARTIAL_AGE)
+        .map_err(|e| DaemonError::runtime("cannot recover the staging store", e))?;
+    tracing::info!(
+        store = %path.display(),
+        partials = rec.partials_kept,
+        strays = rec.strays_removed.len(),
+        removed = rec.blobs_removed.len(),
+        quarantined = rec.records_quarantined.len(),
+        "store recovered"
+    );
+    for f in rec.fixed {
+        tracing::warn!(fix = %f, "tightened permissions");
+    }
+    Ok(store)
+}
+
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| DaemonError::runtime(&format!("cannot create {}", parent.display()), e))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        } else {
+            return Err(DaemonError::Runtime(format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            )));
+        }
+    }
+    // Bind with a restrictive umask so the socket is never reachable by others, even briefly.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener =
+        listener.map_err(|e| DaemonError::runtime(&format!("cannot listen on {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| DaemonError::runtime(&format!("cannot chmod {}", path.display()), e))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
+    let config = check_config(&config_path)?;
+    let mut fixed = Vec::new();
+    fsutil::ensure_private_dir(&config.agent.state_dir, &mut fixed)
+        .map_err(|e| DaemonError::runtime("cannot prepare agent.state_dir", e))?;
+    let persistent = open_store(&config.scratch.path)?;
+    let volatile = config.volatile_path().map(open_store).transpose()?;
+    let stores = Arc::new(Stores {
+        persistent,
+        volatile,
+        reserve_bytes: config.scratch.reserve_bytes,
+    });
+    let metrics = Metrics::default();
+    let ca_pem = if config.depot.ca.as_os_str().is_empty() {
+        None
+    } else {
+        Some(std::fs::read(&config.depot.ca).map_err(|e| DaemonError::runtime("cannot read depot.ca", e))?)
+    };
+    let fetcher = Fetcher::new(
+        FetchConfig {
+            allow_http: config.depot.allow_http,
+            ca_pem,
+            timeout: Duration::from_secs(config.depot.timeout_secs),
+            retries: config.depot.retries,
+        },
+        metrics.fetch.clone(),
+    )
+    .map_err(|e| DaemonError::runtime("cannot build the depot client", e))?;
+    let stager = Stager::new(stores, fetcher, config.scratch.concurrency);
+    let (state, warning) = StateFile::new(&config.agent.state_dir)
+        .load()
+        .map_err(|e| DaemonError::runtime("cannot load agent state", e))?;
+    if let Some(w) = warning {
+        tracing::error!("{w}");
+    }
+    let (tasks, interrupted, warning) = Tasks::load(&config.agent.state_dir)
+        .map_err(|e| DaemonError::runtime("cannot load the task list", e))?;
+    if let Some(w) = warning {
+        tracing::error!("{w}");
+    }
+    let trust = load_trust(&config, &config_path)?;
+    let access = Arc::new(RwLock::new(Access {
+        operators: config.tls.operators.clone(),
+        readers: config.tls.readers.clone(),
+    }));
+    let agent = Agent::new(host_id(&config), config.clone(), trust, stager, state, tasks, metrics);
+    let app = api::router(ApiState {
+        agent: agent.clone(),
+        access: access.clone(),
+    });
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    let mut tls: Option<TlsConfig> = None;
+    if !config.listen.tcp.is_empty() {
+        let cfg: TlsConfig = Arc::new(RwLock::new(tls_config(&config, &config_path)?));
+        let listener = tokio::net::TcpListener::bind(&config.listen.tcp)
+            .await
+            .map_err(|e| DaemonError::runtime(&format!("cannot listen on {}", config.listen.tcp), e))?;
+        tracing::info!(addr = %config.listen.tcp, "serving mTLS API");
+        servers.spawn(server::serve(Listener::Tcp(listener, cfg.clone()), app.clone(), shutdown_rx.clone()));
+        tls = Some(cfg);
+    }
+    if !config.listen.socket.as_os_str().is_empty() {
+        let listener = bind_socket(&config.listen.socket)?;
+        tracing::info!(socket = %config.listen.socket.display(), "serving local API");
+        servers.spawn(server::serve(Listener::Unix(listener), app.clone(), shutdown_rx.clone()));
+    }
+    agent.resume_interrupted(interrupted);
+
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| DaemonError::runtime("cannot install signal handlers", e))?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    tracing::info!(host = %agent.status().map(|s| s.host_id).unwrap_or_default(), "vibstaged ready");
+
+    while let Some(signal) = signals.next().await {
+        match signal {
+            SIGHUP => reload(&config_path, &agent, &access, tls.as_ref()),
+            _ => {
+                tracing::info!(signal, "stopping");
+                break;
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = shutdown_tx.send(true);
+    agent.stop_jobs().await;
+    let drain = async { while servers.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(7), drain).await.is_err() {
+        tracing::warn!("connections still open at shutdown; closing them");
+    }
+    if !config.listen.socket.as_os_str().is_empty() {
+        let _ = std::fs::remove_file(&config.listen.socket);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-reads the configuration and replaces the trust store, the TLS certificates and the
+/// allow-lists. Anything broken is reported and the old setting kept.
+fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsConfig>) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return;
+        }
+    };
+    match load_trust(&config, path) {
+        Ok(trust) => {
+            agent.set_trust(trust);
+            tracing::info!(keys = config.trust.keys.len(), "trust store reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "trust store not reloaded; keeping the old one"),
+    }
+    if let Some(tls) = tls {
+        match tls_config(&config, path) {
+            Ok(new) => {
+                *tls.write().unwrap_or_else(|p| p.into_inner()) = new;
+                tracing::info!("TLS certificates reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "TLS not reloaded; keeping the old certificates"),
+        }
+    }
+    *access.write().unwrap_or_else(|p| p.into_inner()) = Access {
+        operators: config.tls.operators,
+        readers: config.tls.readers,
+    };
+    tracing::info!("allow-lists reloaded");
+}

@@ -1,0 +1,400 @@
+//! The depot client: fetches VIB bytes over HTTPS into the store's ingest area.
+//!
+//! One pass over the bytes: each chunk is hashed and written as it arrives, and the download
+//! never reads past the descriptor's `size` (a longer body is an error, not a truncation).
+//! A dropped connection, a stall or a 5xx is retried with backoff, resuming with an HTTP Range
+//! request from what is already on disk — also after an agent restart, since the partial file
+//! survives and is re-hashed when reopened. A 206 is accepted only if its Content-Range is exactly
+//! the range asked for; a server that ignores Range (200) makes the download start over.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+use reqwest::{StatusCode, Url};
+use vibstage_protocol::{Digest, ErrorCode};
+
+use crate::store::{Committed, Ingest, Store, StoreError};
+
+/// Slowest transfer tolerated, averaged over each `timeout` window (a slow drip is a stall).
+const MIN_BYTES_PER_SEC: u64 = 1024;
+
+/// Errors of the depot client.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The depot URL or configuration is unusable.
+    #[error("invalid depot {url:?}: {reason}")]
+    BadDepot {
+        /// The URL given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The depot could not be reached or answered wrongly.
+    #[error("depot unreachable: {url}: {detail}")]
+    Unreachable {
+        /// The URL fetched.
+        url: Url,
+        /// What happened.
+        detail: String,
+        /// Whether trying again may help.
+        retriable: bool,
+    },
+    /// The store refused the bytes (mismatch, no space, I/O).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl FetchError {
+    /// The API error code of this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FetchError::BadDepot { .. } => ErrorCode::BadRequest,
+            FetchError::Unreachable { .. } => ErrorCode::DepotUnreachable,
+            FetchError::Store(e) => store_code(e),
+        }
+    }
+
+    fn retriable(&self) -> bool {
+        match self {
+            FetchError::Unreachable { retriable, .. } => *retriable,
+            FetchError::Store(StoreError::Checksum { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The API error code of a store failure.
+pub fn store_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::Checksum { .. } => ErrorCode::ChecksumMismatch,
+        StoreError::Size { .. } => ErrorCode::SizeMismatch,
+        StoreError::NoSpace { .. } => ErrorCode::InsufficientSpace,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// Depot client settings (SPEC §4 `[depot]`).
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Allow plain http.
+    pub allow_http: bool,
+    /// Extra CA certificates (PEM) for the depot.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Connect and stall timeout.
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: u32,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Blobs downloaded and committed.
+    pub downloads: AtomicU64,
+    /// Attempts after a failure.
+    pub retries: AtomicU64,
+    /// Body bytes received from depots.
+    pub bytes: AtomicU64,
+}
+
+/// The depot client.
+#[derive(Clone, Debug)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    config: FetchConfig,
+    stats: Arc<FetchStats>,
+}
+
+impl Fetcher {
+    /// Builds a client: rustls, https only unless allowed, the extra CA, redirects limited and
+    /// never from https to http unless http is allowed.
+    pub fn new(config: FetchConfig, stats: Arc<FetchStats>) -> Result<Fetcher, FetchError> {
+        let bad = |reason: String| FetchError::BadDepot {
+            url: String::new(),
+            reason,
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.timeout)
+            .read_timeout(config.timeout)
+            .https_only(!config.allow_http)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("vibstaged/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &config.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| bad(format!("depot.ca is not a PEM certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad("depot.ca holds no certificate".into()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| bad(format!("cannot build the HTTPS client: {e}")))?;
+        Ok(Fetcher {
+            client,
+            config,
+            stats,
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Arc<FetchStats> {
+        &self.stats
+    }
+
+    /// Parses a depot base URL, adding the trailing `/` if missing and refusing http unless allowed.
+    pub fn depot_url(&self, depot: &str) -> Result<Url, FetchError> {
+        let bad = |reason: &str| FetchError::BadDepot {
+            url: depot.chars().take(200).collect(),
+            reason: reason.to_owned(),
+        };
+        let mut url = Url::parse(depot).map_err(|_| bad("not a URL"))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if self.config.allow_http => {}
+            "http" => return Err(bad("plain http is refused unless depot.allow_http is set")),
+            _ => return Err(bad("only https (and http when allowed) depots are supported")),
+        }
+        if url.cannot_be_a_base() || url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("must be a base URL without query or fragment"));
+        }
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        Ok(url)
+    }
+
+    /// Fetches blob `digest` of `size` bytes from `<depot>/vibs/<hex>` into `store` and commits
+    /// it. `progress` is told the blob's byte offset as it grows (and drops, on a restart).
+    pub async fn fetch_blob(
+        &self,
+        depot: &Url,
+        digest: Digest,
+        size: u64,
+        store: &Store,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Committed, FetchError> {
+        let url = depot
+            .join(&format!("vibs/{digest}"))
+            .map_err(|e| FetchError::BadDepot {
+                url: depot.to_string(),
+                reason: e.to_string(),
+            })?;
+        let mut ingest = store.ingest(digest, size)?;
+        progress(ingest.offset());
+        let mut attempt = 0;
+        loop {
+            let err = match self.attempt(&url, &mut ingest, progress).await {
+                Ok(()) => match store.commit(ingest) {
+                    Ok(c) => {
+                        self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                        return Ok(c);
+                    }
+                    Err(e) => {
+                        // The partial file is gone; the next attempt starts from zero.
+                        ingest = store.ingest(digest, size)?;
+                        progress(0);
+                        FetchError::Store(e)
+                    }
+                },
+                Err(e) => e,
+            };
+            let _ = ingest.flush();
+            if !err.retriable() || attempt >= self.config.retries {
+                if !matches!(err, FetchError::Unreachable { .. }) {
+                    store.discard_partial(&digest);
+                }
+                return Err(err);
+            }
+            attempt += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%url, attempt, error = %err, "retrying download");
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        url: &Url,
+        ingest: &mut Ingest,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(), FetchError> {
+        let size = ingest.size();
+        let offset = ingest.offset();
+        if offset == size {
+            return Ok(());
+        }
+        let fail = |detail: String, retriable: bool| FetchError::Unreachable {
+            url: url.clone(),
+            detail,
+            retriable,
+        };
+        let mut request = self.client.get(url.clone());
+        if offset > 0 {
+            request = request.header(RANGE, format!("bytes={offset}-"));
+        }
+        let send = tokio::time::timeout(self.config.timeout, request.send());
+        let mut response = match send.await {
+            Err(_) => return Err(fail("no answer within the timeout".into(), true)),
+            Ok(Err(e)) => return Err(fail(error_chain(&e), !e.is_redirect() && !e.is_builder())),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let content_length = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match status {
+            StatusCode::OK => {
+                if offset > 0 {
+                    tracing::info!(%url, offset, "depot ignored the Range request; starting over");
+                    ingest.restart()?;
+                    progress(0);
+                }
+                if let Some(len) = content_length
+                    && len != size
+                {
+                    return Err(StoreError::Size {
+                        digest: ingest.digest(),
+                        expected: size,
+                        actual: format!("depot announces {len}"),
+                    }
+                    .into());
+                }
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let range = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range);
+                if range != Some((offset, size - 1, size)) {
+                    ingest.restart()?;
+                    progress(0);
+                    return Err(fail(
+                        format!(
+                            "206 with Content-Range {:?} for a request from byte {offset} of {size}; starting over",
+                            response.headers().get(CONTENT_RANGE)
+                        ),
+                        true,
+                    ));
+                }
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                ingest.restart()?;
+                progress(0);
+                return Err(fail("416 Range Not Satisfiable; starting over".into(), true));
+            }
+            s if s.is_server_error()
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s == StatusCode::REQUEST_TIMEOUT =>
+            {
+                return Err(fail(format!("HTTP {s}"), true));
+            }
+            s => return Err(fail(format!("HTTP {s}"), false)),
+        }
+
+        let mut window_start = Instant::now();
+        let mut window_bytes = 0u64;
+        loop {
+            let chunk = match tokio::time::timeout(self.config.timeout, response.chunk()).await {
+                Err(_) => {
+                    return Err(fail(
+                        format!(
+                            "stalled for {}s after {} of {size} bytes",
+                            self.config.timeout.as_secs(),
+                            ingest.offset()
+                        ),
+                        true,
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(fail(
+                        format!(
+                            "connection lost after {} of {size} bytes: {}",
+                            ingest.offset(),
+                            error_chain(&e)
+                        ),
+                        true,
+                    ));
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            ingest.write(&chunk)?;
+            self.stats
+                .bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            progress(ingest.offset());
+            window_bytes += chunk.len() as u64;
+            let elapsed = window_start.elapsed();
+            if elapsed >= self.config.timeout {
+                if window_bytes < MIN_BYTES_PER_SEC * elapsed.as_secs() {
+                    return Err(fail(
+                        format!(
+                            "transfer slower than {MIN_BYTES_PER_SEC} bytes/s ({window_bytes} bytes in {}s)",
+                            elapsed.as_secs()
+                        ),
+                        true,
+                    ));
+                }
+                window_start = Instant::now();
+                window_bytes = 0;
+            }
+        }
+        if ingest.offset() < size {
+            return Err(fail(
+                format!("body ended after {} of {size} bytes", ingest.offset()),
+                true,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `bytes START-END/TOTAL` → (start, end, total).
+fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    Some((start.parse().ok()?, end.parse().ok()?, total.parse().ok()?))
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)).min(5_000))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, 99, 100)));
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(400));
+        assert!(backoff(10) <= Duration::from_secs(5));
+    }
+}

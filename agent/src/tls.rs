@@ -1,0 +1,106 @@
+//! The agent's mutual-TLS server configuration: TLS 1.3 and 1.2 with the aws-lc-rs provider, a
+//! client certificate required and verified against `tls.client_ca`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("failed to load {what} from {path}: {detail}")]
+    Load {
+        /// Which setting.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// rustls refused the combination.
+    #[error("invalid TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The crypto provider used everywhere.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Loads every certificate of a PEM file.
+pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let load = |detail: String| TlsError::Load {
+        what,
+        path: path.to_owned(),
+        detail,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| load(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(load("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// Loads a PEM private key.
+pub fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Load {
+        what,
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// The server configuration for the mTLS listener.
+pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = load_certs("tls.cert", cert)?;
+    let key = load_key("tls.key", key)?;
+    let mut roots = RootCertStore::empty();
+    for ca in load_certs("tls.client_ca", client_ca)? {
+        roots.add(ca).map_err(|e| TlsError::Load {
+            what: "tls.client_ca",
+            path: client_ca.to_owned(),
+            detail: e.to_string(),
+        })?;
+    }
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The names a client certificate carries: its DNS SANs, then its CN.
+pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    for cn in parsed.subject().iter_common_name() {
+        if let Ok(cn) = cn.as_str() {
+            names.push(cn.to_owned());
+        }
+    }
+    names
+}
