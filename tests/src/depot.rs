@@ -14,9 +14,9 @@
 //!
 //! Shape: the server runs on its own multi-thread tokio runtime in a background
 //! thread, so it works the same from sync `#[test]`s and `#[tokio::test]`s, and
-//! dropping the [`Depot`] stops it. Every request is turned into a [`Reply`] by
-//! one function, [`reply`], which is the only place that knows what a fault
-//! does to the status and headers; [`pump`] is the only place that knows what
+//! dropping the [`Depot`] stops it. Every request is turned into a `Reply` by
+//! one function, `reply`, which is the only place that knows what a fault
+//! does to the status and headers; `pump` is the only place that knows what
 //! a fault does to the body bytes.
 //!
 //! Invariants: no lock is held across an await; a client that goes away, or a

@@ -2,7 +2,7 @@
 //!
 //! The integration tests in `tests/tests/` exercise vibstage the way an operator
 //! would: they start the real `vibstaged` and `vibstagectl` binaries as processes
-//! (see [`bin`]), talk to them over real TLS with certificates from a throw-away
+//! (see [`bin()`]), talk to them over real TLS with certificates from a throw-away
 //! PKI ([`TestPki`]), and let the agent download from a real HTTPS depot
 //! ([`Depot`]) that serves a depot directory from disk and can be told to fail
 //! in the ways real networks and servers fail ([`Fault`]). Each test works in its
