@@ -105,19 +105,23 @@ pub enum Fault {
     /// Answer 200, chunked, without `Content-Length`, with junk that never ends.
     Endless,
     /// Declare this `Content-Length` but send the real body. If it is smaller
-    /// than the body, the HTTP layer stops at it; if larger, the connection is
-    /// closed after the real body, like [`Fault::Truncate`].
+    /// than the body, the HTTP layer stops at it (the client sees a complete,
+    /// short body); if larger, the connection is closed after the real body,
+    /// like [`Fault::Truncate`].
     SizeLie {
         /// The declared `Content-Length`.
         content_length: u64,
     },
-    /// Answer 302 with a `Location` pointing at the request's own path.
+    /// Answer 302 with a `Location` pointing at the request's own path (and
+    /// query). Each redirect uses up one of the rule's `times`, so set
+    /// `usize::MAX` for a loop that never ends.
     RedirectLoop,
     /// Answer 302 with this `Location` (e.g. a plain `http://` URL).
     RedirectTo(String),
 }
 
-/// What the depot saw and did for one request, in arrival order.
+/// What the depot saw and did for one request. The log is in the order the
+/// responses were started (which is arrival order unless requests overlap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestLog {
     /// Request method (`GET`, `HEAD`, …).
@@ -667,8 +671,10 @@ async fn reply(
         }
     };
 
+    headers.push((header::ACCEPT_RANGES, "bytes".into()));
+    headers.push((header::CONTENT_TYPE, content_type(&file).into()));
     let mut plan = BodyPlan {
-        file: Some((file.clone(), start, len)),
+        file: Some((file, start, len)),
         ..BodyPlan::default()
     };
     let mut content_length = len;
@@ -684,13 +690,17 @@ async fn reply(
         }
         Some(Fault::SizeLie {
             content_length: lie,
-        }) => content_length = lie,
+        }) => {
+            content_length = lie;
+            if lie > len {
+                // Close once the real body is flushed, rather than lose its tail.
+                plan.cut = Some((len, Cut::Close));
+            }
+        }
         _ => {}
     }
 
     headers.push((header::CONTENT_LENGTH, content_length.to_string()));
-    headers.push((header::ACCEPT_RANGES, "bytes".into()));
-    headers.push((header::CONTENT_TYPE, content_type(&file).into()));
     Reply {
         status,
         headers,
@@ -1344,6 +1354,19 @@ mod tests {
         let r = f.get(&f.path, None).await;
         assert_eq!(r.content_length(), Some(1000));
         assert_eq!(r.body, f.data[..1000]);
+
+        let lie = SIZE as u64 + 100;
+        f.depot.fault(
+            &f.path,
+            Fault::SizeLie {
+                content_length: lie,
+            },
+            1,
+        );
+        let r = f.get(&f.path, None).await;
+        assert_eq!(r.content_length(), Some(lie));
+        assert!(r.body == f.data, "the real body, whole");
+        assert_eq!(r.error, Some(io::ErrorKind::UnexpectedEof));
     }
 
     #[tokio::test]

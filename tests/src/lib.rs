@@ -10,10 +10,12 @@
 //!
 //! This library only provides the harness; it holds no tests of vibstage itself.
 
+pub mod agent;
 pub mod bin;
 pub mod depot;
 pub mod pki;
 
+pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};
 pub use bin::{bin, vibstagectl, vibstaged};
 pub use depot::{ANY_PATH, Depot, Fault, RequestLog};
 pub use pki::TestPki;
