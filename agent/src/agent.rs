@@ -149,7 +149,10 @@ impl Agent {
 
     fn save(&self, state: &State) -> Result<(), AgentError> {
         self.state_file.save(state).map_err(|e| {
-            AgentError::new(ErrorCode::Internal, format!("failed to save agent state: {e}"))
+            AgentError::new(
+                ErrorCode::Internal,
+                format!("failed to save agent state: {e}"),
+            )
         })
     }
 
@@ -160,7 +163,13 @@ impl Agent {
         let serials = lock(&self.state).serials.clone();
         let highest = |name: &vibstage_protocol::Name| serials.get(name).copied();
         let result = if for_install {
-            verify_image(env, &trust, self.config.agent.acceptance_level, now, highest)
+            verify_image(
+                env,
+                &trust,
+                self.config.agent.acceptance_level,
+                now,
+                highest,
+            )
         } else {
             verify_image_content(env, &trust, now, highest)
         };
@@ -246,7 +255,10 @@ impl Agent {
                         .join("; ");
                     return Err(AgentError::new(
                         ErrorCode::Incompatible,
-                        format!("image {} is incompatible with this host: {why}", image_ref.name),
+                        format!(
+                            "image {} is incompatible with this host: {why}",
+                            image_ref.name
+                        ),
                     ));
                 }
                 _ => {}
@@ -314,14 +326,17 @@ impl Agent {
     }
 
     /// Resumes or fails the tasks that were running when the agent last stopped.
-    pub fn resume_interrupted(self: &Arc<Self>, interrupted: Vec<(Task, Option<TaskRequest>)>) {
+    pub fn resume_interrupted(self: &Arc<Self>, interrupted: crate::tasks::Interrupted) {
         for (task, request) in interrupted {
             let resumable = task.kind == TaskKind::Stage && lock(&self.running).is_none();
             let verified = match (&request, resumable) {
                 (Some(req), true) => self.verify(&req.image, true).map(|v| (req.clone(), v)),
                 _ => Err(AgentError::new(
                     ErrorCode::Internal,
-                    format!("the agent stopped while this {:?} task was running", task.kind),
+                    format!(
+                        "the agent stopped while this {:?} task was running",
+                        task.kind
+                    ),
                 )),
             };
             match verified {
@@ -375,10 +390,16 @@ impl Agent {
     pub fn delete_staged(&self, digest: &ImageDigest) -> Result<(), AgentError> {
         let running = lock(&self.running);
         if running.as_ref().is_some_and(|r| r.digest == *digest) {
-            return Err(AgentError::new(ErrorCode::Busy, "the image is being staged or remediated"));
+            return Err(AgentError::new(
+                ErrorCode::Busy,
+                "the image is being staged or remediated",
+            ));
         }
         if !self.stager.stores().remove(digest)? {
-            return Err(AgentError::new(ErrorCode::NotFound, format!("no staged image {digest}")));
+            return Err(AgentError::new(
+                ErrorCode::NotFound,
+                format!("no staged image {digest}"),
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use time::OffsetDateTime;
 use vibstage_protocol::api::{
-    Change, ComplianceReport, ComplianceStatus, ComponentDiff, Impact, ImageRef, Notification,
+    Change, ComplianceReport, ComplianceStatus, ComponentDiff, ImageRef, Impact, Notification,
 };
 use vibstage_protocol::trust::check_host_acceptance;
 use vibstage_protocol::{AcceptanceLevel, VerifiedImage, VibTarget};

@@ -367,7 +367,10 @@ mod tests {
         let err = Config::parse("[scratch]\nconcurency = 3\n", Path::new("/etc/a.toml"))
             .expect_err("typo");
         let msg = err.to_string();
-        assert!(msg.contains("concurency") && msg.contains("/etc/a.toml"), "{msg}");
+        assert!(
+            msg.contains("concurency") && msg.contains("/etc/a.toml"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -68,13 +68,13 @@ pub fn load_trust(config: &Config, path: &Path) -> Result<TrustStore, ConfigErro
 }
 
 fn tls_config(config: &Config, path: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-    crate::tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca).map_err(|e| {
-        ConfigError::Invalid {
+    crate::tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca).map_err(
+        |e| ConfigError::Invalid {
             path: path.to_owned(),
             key: "tls",
             message: e.to_string(),
-        }
-    })
+        },
+    )
 }
 
 /// Validates a configuration the way start-up would, without starting (`--check-config`).
@@ -100,7 +100,11 @@ fn host_id(config: &Config) -> String {
         .host_id
         .as_ref()
         .map(|h| h.to_string())
-        .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
         .unwrap_or_else(|| "localhost".into())
 }
 
@@ -147,8 +151,8 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = tokio::net::UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener =
-        listener.map_err(|e| DaemonError::runtime(&format!("cannot listen on {}", path.display()), e))?;
+    let listener = listener
+        .map_err(|e| DaemonError::runtime(&format!("cannot listen on {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| DaemonError::runtime(&format!("cannot chmod {}", path.display()), e))?;
     Ok(listener)
@@ -171,7 +175,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     let ca_pem = if config.depot.ca.as_os_str().is_empty() {
         None
     } else {
-        Some(std::fs::read(&config.depot.ca).map_err(|e| DaemonError::runtime("cannot read depot.ca", e))?)
+        Some(
+            std::fs::read(&config.depot.ca)
+                .map_err(|e| DaemonError::runtime("cannot read depot.ca", e))?,
+        )
     };
     let fetcher = Fetcher::new(
         FetchConfig {
@@ -200,7 +207,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         operators: config.tls.operators.clone(),
         readers: config.tls.readers.clone(),
     }));
-    let agent = Agent::new(host_id(&config), config.clone(), trust, stager, state, tasks, metrics);
+    let agent = Agent::new(
+        host_id(&config),
+        config.clone(),
+        trust,
+        stager,
+        state,
+        tasks,
+        metrics,
+    );
     let app = api::router(ApiState {
         agent: agent.clone(),
         access: access.clone(),
@@ -213,15 +228,25 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
         let cfg: TlsConfig = Arc::new(RwLock::new(tls_config(&config, &config_path)?));
         let listener = tokio::net::TcpListener::bind(&config.listen.tcp)
             .await
-            .map_err(|e| DaemonError::runtime(&format!("cannot listen on {}", config.listen.tcp), e))?;
+            .map_err(|e| {
+                DaemonError::runtime(&format!("cannot listen on {}", config.listen.tcp), e)
+            })?;
         tracing::info!(addr = %config.listen.tcp, "serving mTLS API");
-        servers.spawn(server::serve(Listener::Tcp(listener, cfg.clone()), app.clone(), shutdown_rx.clone()));
+        servers.spawn(server::serve(
+            Listener::Tcp(listener, cfg.clone()),
+            app.clone(),
+            shutdown_rx.clone(),
+        ));
         tls = Some(cfg);
     }
     if !config.listen.socket.as_os_str().is_empty() {
         let listener = bind_socket(&config.listen.socket)?;
         tracing::info!(socket = %config.listen.socket.display(), "serving local API");
-        servers.spawn(server::serve(Listener::Unix(listener), app.clone(), shutdown_rx.clone()));
+        servers.spawn(server::serve(
+            Listener::Unix(listener),
+            app.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     agent.resume_interrupted(interrupted);
 
@@ -252,7 +277,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     let _ = shutdown_tx.send(true);
     agent.stop_jobs().await;
     let drain = async { while servers.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(7), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(7), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open at shutdown; closing them");
     }
     if !config.listen.socket.as_os_str().is_empty() {

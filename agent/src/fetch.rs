@@ -157,7 +157,11 @@ impl Fetcher {
             "https" => {}
             "http" if self.config.allow_http => {}
             "http" => return Err(bad("plain http is refused unless depot.allow_http is set")),
-            _ => return Err(bad("only https (and http when allowed) depots are supported")),
+            _ => {
+                return Err(bad(
+                    "only https (and http when allowed) depots are supported",
+                ));
+            }
         }
         if url.cannot_be_a_base() || url.query().is_some() || url.fragment().is_some() {
             return Err(bad("must be a base URL without query or fragment"));
@@ -289,7 +293,10 @@ impl Fetcher {
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 ingest.restart()?;
                 progress(0);
-                return Err(fail("416 Range Not Satisfiable; starting over".into(), true));
+                return Err(fail(
+                    "416 Range Not Satisfiable; starting over".into(),
+                    true,
+                ));
             }
             s if s.is_server_error()
                 || s == StatusCode::TOO_MANY_REQUESTS

@@ -155,7 +155,10 @@ mod tests {
         assert!(matches!(read_json::<Vec<u8>>(&p), Ok(Loaded::Ok(v)) if v == vec![1, 2, 3]));
         assert_eq!(fs::metadata(&p).expect("meta").mode() & 0o777, 0o600);
         fs::write(&p, b"[1, 2").expect("corrupt");
-        assert!(matches!(read_json::<Vec<u8>>(&p), Ok(Loaded::Quarantined(..))));
+        assert!(matches!(
+            read_json::<Vec<u8>>(&p),
+            Ok(Loaded::Quarantined(..))
+        ));
         assert!(dir.path().join("state.json.broken").exists());
         assert!(matches!(read_json::<Vec<u8>>(&p), Ok(Loaded::Missing)));
     }

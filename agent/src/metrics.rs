@@ -22,7 +22,8 @@ impl Metrics {
     /// Counts one answered request.
     pub fn request(&self, method: &str, route: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((method.to_owned(), route.to_owned(), status)).or_insert(0) += 1;
+        *m.entry((method.to_owned(), route.to_owned(), status))
+            .or_insert(0) += 1;
     }
 
     /// Counts one refusal of signed content.
@@ -37,31 +38,68 @@ impl Metrics {
     /// The Prometheus text exposition, with the gauges the caller supplies.
     pub fn render(&self, staged_bytes: u64, tasks: &[(String, String, u64)]) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP vibstage_staged_bytes Bytes of staged VIB content.");
+        let _ = writeln!(
+            out,
+            "# HELP vibstage_staged_bytes Bytes of staged VIB content."
+        );
         let _ = writeln!(out, "# TYPE vibstage_staged_bytes gauge");
         let _ = writeln!(out, "vibstage_staged_bytes {staged_bytes}");
         let _ = writeln!(out, "# HELP vibstage_tasks Tasks by kind and state.");
         let _ = writeln!(out, "# TYPE vibstage_tasks gauge");
         for (kind, state, n) in tasks {
-            let _ = writeln!(out, "vibstage_tasks{{kind=\"{kind}\",state=\"{state}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "vibstage_tasks{{kind=\"{kind}\",state=\"{state}\"}} {n}"
+            );
         }
         for (name, help, value) in [
-            ("vibstage_downloads_total", "VIB blobs downloaded and verified.", &self.fetch.downloads),
-            ("vibstage_download_retries_total", "Download attempts after a failure.", &self.fetch.retries),
-            ("vibstage_download_bytes_total", "Bytes received from depots.", &self.fetch.bytes),
+            (
+                "vibstage_downloads_total",
+                "VIB blobs downloaded and verified.",
+                &self.fetch.downloads,
+            ),
+            (
+                "vibstage_download_retries_total",
+                "Download attempts after a failure.",
+                &self.fetch.retries,
+            ),
+            (
+                "vibstage_download_bytes_total",
+                "Bytes received from depots.",
+                &self.fetch.bytes,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
-        let _ = writeln!(out, "# HELP vibstage_verification_failures_total Refusals of signed content by code.");
+        let _ = writeln!(
+            out,
+            "# HELP vibstage_verification_failures_total Refusals of signed content by code."
+        );
         let _ = writeln!(out, "# TYPE vibstage_verification_failures_total counter");
-        for (code, n) in self.verification_failures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "vibstage_verification_failures_total{{code=\"{code}\"}} {n}");
+        for (code, n) in self
+            .verification_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "vibstage_verification_failures_total{{code=\"{code}\"}} {n}"
+            );
         }
-        let _ = writeln!(out, "# HELP vibstage_http_requests_total API requests by route and status.");
+        let _ = writeln!(
+            out,
+            "# HELP vibstage_http_requests_total API requests by route and status."
+        );
         let _ = writeln!(out, "# TYPE vibstage_http_requests_total counter");
-        for ((method, route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((method, route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = writeln!(
                 out,
                 "vibstage_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"

@@ -57,7 +57,9 @@ pub async fn serve(listener: Listener, app: Router, mut shutdown: watch::Receive
                 connections.spawn(async move {
                     let _permit = permit;
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::info!(error = %e, "TLS handshake refused");
@@ -81,9 +83,12 @@ pub async fn serve(listener: Listener, app: Router, mut shutdown: watch::Receive
             Ok(Accepted::Unix(stream)) => {
                 connections.spawn(async move {
                     let _permit = permit;
-                    let uid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-                        .map(|c| c.uid())
-                        .unwrap_or(u32::MAX);
+                    let uid = nix::sys::socket::getsockopt(
+                        &stream,
+                        nix::sys::socket::sockopt::PeerCredentials,
+                    )
+                    .map(|c| c.uid())
+                    .unwrap_or(u32::MAX);
                     serve_connection(stream, Peer::Local { uid }, app, shutdown).await;
                 });
             }

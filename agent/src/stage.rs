@@ -16,7 +16,9 @@ use time::OffsetDateTime;
 use vibstage_protocol::api::{
     DpuState, FirmwareState, ImageRef, Notification, SoftwareState, StagingState,
 };
-use vibstage_protocol::{Digest, Envelope, ErrorCode, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget};
+use vibstage_protocol::{
+    Digest, Envelope, ErrorCode, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
+};
 
 use crate::fetch::{FetchError, Fetcher, store_code};
 use crate::store::{ImageRecord, StagedVib, Store, StoreError};
@@ -25,9 +27,7 @@ use crate::store::{ImageRecord, StagedVib, Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// Neither scratch nor the volatile path has room.
-    #[error(
-        "insufficient space: staging needs {needed} more bytes; {detail}"
-    )]
+    #[error("insufficient space: staging needs {needed} more bytes; {detail}")]
     NoSpace {
         /// Bytes still to download.
         needed: u64,
@@ -43,7 +43,7 @@ pub enum StageError {
         digest: Digest,
         /// Why.
         #[source]
-        source: FetchError,
+        source: Box<FetchError>,
     },
     /// The store failed.
     #[error(transparent)]
@@ -58,7 +58,8 @@ impl StageError {
     pub fn code(&self) -> ErrorCode {
         match self {
             StageError::NoSpace { .. } => ErrorCode::InsufficientSpace,
-            StageError::Fetch { source, .. } | StageError::Depot(source) => source.code(),
+            StageError::Fetch { source, .. } => source.code(),
+            StageError::Depot(source) => source.code(),
             StageError::Store(e) => store_code(e),
         }
     }
@@ -101,9 +102,7 @@ pub fn plan<'a>(
                 Disposition::NotApplicable
             } else if installed.contains(&d.sha256) {
                 Disposition::Installed
-            } else if d.kind == VibKind::Firmware
-                && !host.firmware_vendors.iter().any(|v| *v == d.vendor)
-            {
+            } else if d.kind == VibKind::Firmware && !host.firmware_vendors.contains(&d.vendor) {
                 Disposition::FirmwareUnsupported
             } else {
                 Disposition::Fetch
@@ -142,7 +141,10 @@ impl Stores {
     }
 
     /// The store holding an image's record, if any.
-    pub fn find(&self, digest: &ImageDigest) -> Result<Option<(&Store, bool, ImageRecord)>, StoreError> {
+    pub fn find(
+        &self,
+        digest: &ImageDigest,
+    ) -> Result<Option<(&Store, bool, ImageRecord)>, StoreError> {
         for (store, persistent) in self.all() {
             if let Some(r) = store.record(digest)? {
                 return Ok(Some((store, persistent, r)));
@@ -212,7 +214,10 @@ pub fn parts_of(record: &ImageRecord, store: &Store) -> StagingParts {
         other => other,
     };
     let staged = software == SoftwareState::Staged
-        && matches!(firmware, FirmwareState::Staged | FirmwareState::NotApplicable);
+        && matches!(
+            firmware,
+            FirmwareState::Staged | FirmwareState::NotApplicable
+        );
     StagingParts {
         state: if missing.is_empty() {
             StagingState::Staged
@@ -256,7 +261,10 @@ impl Stager {
 
     /// Picks where to stage `wanted` (R9): scratch if it has room after its reserve, otherwise
     /// the volatile path, otherwise `insufficient_space`.
-    fn choose_store(&self, wanted: &BTreeMap<Digest, &VibDescriptor>) -> Result<(&Store, bool), StageError> {
+    fn choose_store(
+        &self,
+        wanted: &BTreeMap<Digest, &VibDescriptor>,
+    ) -> Result<(&Store, bool), StageError> {
         let mut detail = Vec::new();
         let mut needed_first = None;
         for (store, persistent) in self.stores.all() {
@@ -311,40 +319,43 @@ impl Stager {
             .store(wanted.values().map(|v| v.size).sum(), Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
 
-        let results: Vec<(Digest, Result<(), FetchError>)> =
-            futures_util::stream::iter(wanted.iter().map(|(d, v)| (*d, v.size)).collect::<Vec<_>>())
-                .map(|(digest, size)| {
-                let depot = &depot;
-                async move {
-                    let last = AtomicU64::new(0);
-                    let report = |offset: u64| {
-                        let prev = last.swap(offset, Ordering::Relaxed);
-                        if offset >= prev {
-                            progress.done.fetch_add(offset - prev, Ordering::Relaxed);
-                            progress.downloaded.fetch_add(offset - prev, Ordering::Relaxed);
-                        } else {
-                            progress.done.fetch_sub(prev - offset, Ordering::Relaxed);
-                        }
-                    };
-                    let result = if store.has_blob(&digest, size) {
-                        progress.done.fetch_add(size, Ordering::Relaxed);
-                        Ok(())
+        let results: Vec<(Digest, Result<(), FetchError>)> = futures_util::stream::iter(
+            wanted.iter().map(|(d, v)| (*d, v.size)).collect::<Vec<_>>(),
+        )
+        .map(|(digest, size)| {
+            let depot = &depot;
+            async move {
+                let last = AtomicU64::new(0);
+                let report = |offset: u64| {
+                    let prev = last.swap(offset, Ordering::Relaxed);
+                    if offset >= prev {
+                        progress.done.fetch_add(offset - prev, Ordering::Relaxed);
+                        progress
+                            .downloaded
+                            .fetch_add(offset - prev, Ordering::Relaxed);
                     } else {
-                        // Bytes already in a partial file count as done, not as downloaded.
-                        let held = store.bytes_held(&digest, size);
-                        last.store(held, Ordering::Relaxed);
-                        progress.done.fetch_add(held, Ordering::Relaxed);
-                        self.fetcher
-                            .fetch_blob(depot, digest, size, store, &report)
-                            .await
-                            .map(drop)
-                    };
-                    (digest, result)
-                }
-            })
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
+                        progress.done.fetch_sub(prev - offset, Ordering::Relaxed);
+                    }
+                };
+                let result = if store.has_blob(&digest, size) {
+                    progress.done.fetch_add(size, Ordering::Relaxed);
+                    Ok(())
+                } else {
+                    // Bytes already in a partial file count as done, not as downloaded.
+                    let held = store.bytes_held(&digest, size);
+                    last.store(held, Ordering::Relaxed);
+                    progress.done.fetch_add(held, Ordering::Relaxed);
+                    self.fetcher
+                        .fetch_blob(depot, digest, size, store, &report)
+                        .await
+                        .map(drop)
+                };
+                (digest, result)
+            }
+        })
+        .buffer_unordered(self.concurrency)
+        .collect()
+        .await;
         let failed: BTreeMap<Digest, FetchError> = results
             .into_iter()
             .filter_map(|(d, r)| r.err().map(|e| (d, e)))
@@ -377,13 +388,15 @@ impl Stager {
                         firmware_failed.push((d, err));
                     }
                     Some(_) => {
-                        let Some((digest, source)) = failed.into_iter().find(|(k, _)| *k == d.sha256) else {
+                        let Some((digest, source)) =
+                            failed.into_iter().find(|(k, _)| *k == d.sha256)
+                        else {
                             unreachable!("the failure was just looked up")
                         };
                         return Err(StageError::Fetch {
                             vib: d.name.to_string(),
                             digest,
-                            source,
+                            source: Box::new(source),
                         });
                     }
                 },
@@ -400,7 +413,10 @@ impl Stager {
             FirmwareState::Staged
         };
         if !firmware_unsupported.is_empty() {
-            let vendors: BTreeSet<&str> = firmware_unsupported.iter().map(|d| d.vendor.as_str()).collect();
+            let vendors: BTreeSet<&str> = firmware_unsupported
+                .iter()
+                .map(|d| d.vendor.as_str())
+                .collect();
             notifications.push(Notification {
                 code: "firmware_staging_unsupported".into(),
                 message: format!(
@@ -414,7 +430,10 @@ impl Stager {
         for (d, err) in &firmware_failed {
             notifications.push(Notification {
                 code: "firmware_staging_failed".into(),
-                message: format!("firmware VIB {} could not be staged: {err}; remediation will fetch it again", d.name),
+                message: format!(
+                    "firmware VIB {} could not be staged: {err}; remediation will fetch it again",
+                    d.name
+                ),
                 retriable: true,
             });
         }

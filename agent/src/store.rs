@@ -79,7 +79,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn io(action: &'static str, path: &Path, source: io::Error, what: impl FnOnce() -> String) -> Self {
+    fn io(
+        action: &'static str,
+        path: &Path,
+        source: io::Error,
+        what: impl FnOnce() -> String,
+    ) -> Self {
         if source.raw_os_error() == Some(nix::libc::ENOSPC) {
             StoreError::NoSpace {
                 path: path.to_owned(),
@@ -208,7 +213,12 @@ impl Store {
             root: root.to_owned(),
             _lock: lock,
         };
-        for dir in [store.root.join("blobs"), store.blob_dir(), store.ingest_dir(), store.image_dir()] {
+        for dir in [
+            store.root.join("blobs"),
+            store.blob_dir(),
+            store.ingest_dir(),
+            store.image_dir(),
+        ] {
             fsutil::ensure_private_dir(&dir, &mut fixed)?;
         }
         Ok((store, fixed))
@@ -235,7 +245,8 @@ impl Store {
     }
 
     fn partial_path(&self, digest: &Digest) -> PathBuf {
-        self.ingest_dir().join(format!("{}.partial", digest.to_hex()))
+        self.ingest_dir()
+            .join(format!("{}.partial", digest.to_hex()))
     }
 
     fn record_path(&self, digest: &ImageDigest) -> PathBuf {
@@ -269,7 +280,11 @@ impl Store {
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))?;
         let mut ingest = Ingest {
-            file: io::BufWriter::with_capacity(256 << 10, file.try_clone().map_err(|e| StoreError::io("open", &path, e, String::new))?),
+            file: io::BufWriter::with_capacity(
+                256 << 10,
+                file.try_clone()
+                    .map_err(|e| StoreError::io("open", &path, e, String::new))?,
+            ),
             path,
             digest,
             size,
@@ -313,11 +328,16 @@ impl Store {
             let _ = fs::remove_file(&path);
             e
         };
-        let file = file
-            .into_inner()
-            .map_err(|e| discard(StoreError::io("write", &path, e.into_error(), || format!("sha256:{digest}"))))?;
-        file.sync_all()
-            .map_err(|e| discard(StoreError::io("fsync", &path, e, || format!("sha256:{digest}"))))?;
+        let file = file.into_inner().map_err(|e| {
+            discard(StoreError::io("write", &path, e.into_error(), || {
+                format!("sha256:{digest}")
+            }))
+        })?;
+        file.sync_all().map_err(|e| {
+            discard(StoreError::io("fsync", &path, e, || {
+                format!("sha256:{digest}")
+            }))
+        })?;
         if written != size {
             return Err(discard(StoreError::Size {
                 digest,
@@ -340,7 +360,8 @@ impl Store {
             let _ = fs::remove_file(&path);
             return Ok(Committed::AlreadyPresent);
         }
-        fs::rename(&path, &target).map_err(|e| discard(StoreError::io("rename into", &target, e, String::new)))?;
+        fs::rename(&path, &target)
+            .map_err(|e| discard(StoreError::io("rename into", &target, e, String::new)))?;
         fsutil::fsync_dir(&self.blob_dir())
             .and_then(|()| fsutil::fsync_dir(&self.ingest_dir()))
             .map_err(|e| StoreError::io("fsync", &self.blob_dir(), e, String::new))?;
@@ -370,7 +391,10 @@ impl Store {
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            let Some(digest) = name.strip_suffix(".json").and_then(|d| d.parse::<ImageDigest>().ok()) else {
+            let Some(digest) = name
+                .strip_suffix(".json")
+                .and_then(|d| d.parse::<ImageDigest>().ok())
+            else {
                 continue;
             };
             match fsutil::read_json::<ImageRecord>(&path) {
@@ -408,7 +432,8 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(StoreError::io("remove", &path, e, String::new)),
         };
-        fsutil::fsync_dir(&self.image_dir()).map_err(|e| StoreError::io("fsync", &self.image_dir(), e, String::new))?;
+        fsutil::fsync_dir(&self.image_dir())
+            .map_err(|e| StoreError::io("fsync", &self.image_dir(), e, String::new))?;
         self.collect_garbage(&BTreeSet::new())?;
         Ok(existed)
     }
@@ -428,7 +453,8 @@ impl Store {
             }
         }
         if !removed.is_empty() {
-            fsutil::fsync_dir(&self.blob_dir()).map_err(|e| StoreError::io("fsync", &self.blob_dir(), e, String::new))?;
+            fsutil::fsync_dir(&self.blob_dir())
+                .map_err(|e| StoreError::io("fsync", &self.blob_dir(), e, String::new))?;
         }
         Ok(removed)
     }
@@ -438,7 +464,11 @@ impl Store {
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| StoreError::io("list", &dir, e, String::new))? {
             let entry = entry.map_err(|e| StoreError::io("list", &dir, e, String::new))?;
-            if let Some(d) = entry.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) {
+            if let Some(d) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Digest>().ok())
+            {
                 out.push(d);
             }
         }
@@ -448,10 +478,16 @@ impl Store {
     /// Start-up recovery: removes stray files, tightens modes, and with `scrub` re-hashes every
     /// blob, removing any whose bytes are wrong. Partial downloads are kept for resumption unless
     /// `max_partial_age` has passed since they were last written.
-    pub fn recover(&self, scrub: bool, max_partial_age: std::time::Duration) -> Result<Recovery, StoreError> {
+    pub fn recover(
+        &self,
+        scrub: bool,
+        max_partial_age: std::time::Duration,
+    ) -> Result<Recovery, StoreError> {
         let mut rec = Recovery::default();
         let ingest = self.ingest_dir();
-        for entry in fs::read_dir(&ingest).map_err(|e| StoreError::io("list", &ingest, e, String::new))? {
+        for entry in
+            fs::read_dir(&ingest).map_err(|e| StoreError::io("list", &ingest, e, String::new))?
+        {
             let entry = entry.map_err(|e| StoreError::io("list", &ingest, e, String::new))?;
             let path = entry.path();
             let name = entry.file_name();
@@ -473,11 +509,18 @@ impl Store {
             }
         }
         let blobs = self.blob_dir();
-        for entry in fs::read_dir(&blobs).map_err(|e| StoreError::io("list", &blobs, e, String::new))? {
+        for entry in
+            fs::read_dir(&blobs).map_err(|e| StoreError::io("list", &blobs, e, String::new))?
+        {
             let entry = entry.map_err(|e| StoreError::io("list", &blobs, e, String::new))?;
             let path = entry.path();
-            let meta = fs::symlink_metadata(&path).map_err(|e| StoreError::io("stat", &path, e, String::new))?;
-            let Some(digest) = entry.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else {
+            let meta = fs::symlink_metadata(&path)
+                .map_err(|e| StoreError::io("stat", &path, e, String::new))?;
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Digest>().ok())
+            else {
                 let _ = fs::remove_file(&path);
                 rec.strays_removed.push(path);
                 continue;
@@ -490,10 +533,18 @@ impl Store {
             if meta.mode() & 0o7777 != 0o400 {
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o400))
                     .map_err(|e| StoreError::io("chmod", &path, e, String::new))?;
-                rec.fixed.push(format!("{}: mode {:o} set to 400", path.display(), meta.mode() & 0o7777));
+                rec.fixed.push(format!(
+                    "{}: mode {:o} set to 400",
+                    path.display(),
+                    meta.mode() & 0o7777
+                ));
             }
-            if scrub && hash_file(&path).map_err(|e| StoreError::io("read", &path, e, String::new))? != digest {
-                fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e, String::new))?;
+            if scrub
+                && hash_file(&path).map_err(|e| StoreError::io("read", &path, e, String::new))?
+                    != digest
+            {
+                fs::remove_file(&path)
+                    .map_err(|e| StoreError::io("remove", &path, e, String::new))?;
                 rec.blobs_removed.push(digest);
             }
         }
@@ -580,9 +631,9 @@ impl Ingest {
                 actual: format!("received more than {}", self.size),
             });
         }
-        self.file
-            .write_all(bytes)
-            .map_err(|e| StoreError::io("write", &self.path, e, || format!("sha256:{}", self.digest)))?;
+        self.file.write_all(bytes).map_err(|e| {
+            StoreError::io("write", &self.path, e, || format!("sha256:{}", self.digest))
+        })?;
         self.hasher.update(bytes);
         self.written += bytes.len() as u64;
         Ok(())
@@ -590,9 +641,9 @@ impl Ingest {
 
     /// Pushes buffered bytes to the file, so a crash or retry keeps them for resumption.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        self.file
-            .flush()
-            .map_err(|e| StoreError::io("write", &self.path, e, || format!("sha256:{}", self.digest)))
+        self.file.flush().map_err(|e| {
+            StoreError::io("write", &self.path, e, || format!("sha256:{}", self.digest))
+        })
     }
 
     /// Throws away what was written and starts from zero (a server that ignored Range).
@@ -671,7 +722,9 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod");
         fs::write(&p, b"abd").expect("corrupt");
         fs::write(s.ingest_dir().join("junk"), b"").expect("stray");
-        let rec = s.recover(true, std::time::Duration::from_secs(3600)).expect("recover");
+        let rec = s
+            .recover(true, std::time::Duration::from_secs(3600))
+            .expect("recover");
         assert_eq!(rec.blobs_removed, vec![digest]);
         assert_eq!(rec.strays_removed.len(), 1);
         assert!(!p.exists());

@@ -6,15 +6,17 @@
 //! it running forever.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use vibstage_protocol::api::{ErrorDetail, ImageRef, Notification, Progress, Task, TaskKind, TaskState};
 use vibstage_protocol::Envelope;
+use vibstage_protocol::api::{
+    ErrorDetail, ImageRef, Notification, Progress, Task, TaskKind, TaskState,
+};
 
 use crate::fsutil::{self, Loaded};
 use crate::stage::StageProgress;
@@ -40,6 +42,9 @@ struct Entry {
     live: Option<Arc<StageProgress>>,
 }
 
+/// Tasks that were queued or running when the agent stopped, with their requests.
+pub type Interrupted = Vec<(Task, Option<TaskRequest>)>;
+
 /// The task list.
 #[derive(Debug)]
 pub struct Tasks {
@@ -60,14 +65,17 @@ fn new_id() -> String {
 impl Tasks {
     /// Loads `state_dir/tasks.json`. Returns the list and the tasks that were interrupted
     /// (queued or running) when the agent last stopped, with their requests.
-    pub fn load(state_dir: &Path) -> std::io::Result<(Tasks, Vec<(Task, Option<TaskRequest>)>, Option<String>)> {
+    pub fn load(state_dir: &Path) -> std::io::Result<(Tasks, Interrupted, Option<String>)> {
         let path = state_dir.join("tasks.json");
         let (entries, warning) = match fsutil::read_json::<Vec<Entry>>(&path)? {
             Loaded::Ok(e) => (e, None),
             Loaded::Missing => (Vec::new(), None),
             Loaded::Quarantined(aside, why) => (
                 Vec::new(),
-                Some(format!("task list was corrupt ({why}); moved to {}", aside.display())),
+                Some(format!(
+                    "task list was corrupt ({why}); moved to {}",
+                    aside.display()
+                )),
             ),
         };
         let interrupted = entries
@@ -208,7 +216,10 @@ impl Tasks {
     pub fn last_for(&self, digest: &vibstage_protocol::ImageDigest) -> Option<Task> {
         self.lock()
             .iter()
-            .find(|e| e.task.kind != TaskKind::Check && e.task.image.as_ref().is_some_and(|i| i.digest == *digest))
+            .find(|e| {
+                e.task.kind != TaskKind::Check
+                    && e.task.image.as_ref().is_some_and(|i| i.digest == *digest)
+            })
             .map(|e| e.task.clone())
     }
 
@@ -221,7 +232,10 @@ impl Tasks {
             if task.state.is_final() {
                 return Some(task);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return self.get(id);
             }
         }

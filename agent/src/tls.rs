@@ -33,7 +33,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Loads every certificate of a PEM file.
-pub fn load_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let load = |detail: String| TlsError::Load {
         what,
         path: path.to_owned(),
@@ -59,7 +62,11 @@ pub fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static
 }
 
 /// The server configuration for the mTLS listener.
-pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = load_certs("tls.cert", cert)?;
     let key = load_key("tls.key", key)?;
     let mut roots = RootCertStore::empty();

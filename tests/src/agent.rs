@@ -80,9 +80,9 @@ impl VibFile {
 
 /// Deterministic pseudo-random bytes (xorshift), so depots are reproducible.
 pub fn bytes_for(seed: &str, size: usize) -> Vec<u8> {
-    let mut x: u64 = seed
-        .bytes()
-        .fold(0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
+    let mut x: u64 = seed.bytes().fold(0x9E37_79B9_7F4A_7C15, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    });
     let mut out = Vec::with_capacity(size + 8);
     while out.len() < size {
         x ^= x << 13;
@@ -162,12 +162,18 @@ impl World {
         let tls_dir = dir.path().join("tls");
         std::fs::create_dir_all(&tls_dir).expect("tls dir");
         std::fs::write(tls_dir.join("ca.pem"), ca.cert_pem()).expect("ca.pem");
-        let client = issue_client(&ca, "controller", now - time::Duration::hours(1), now + time::Duration::days(30))
-            .expect("client cert");
+        let client = issue_client(
+            &ca,
+            "controller",
+            now - time::Duration::hours(1),
+            now + time::Duration::days(30),
+        )
+        .expect("client cert");
         std::fs::write(tls_dir.join("client.pem"), &client.cert_pem).expect("client.pem");
         std::fs::write(tls_dir.join("client.key"), &client.key_pem).expect("client.key");
         for (name, k) in [("image", key("image")), ("vendor", key("vendor"))] {
-            let pem = vibstage_protocol::dsse::verifying_key_to_pem(&k.verifying_key()).expect("pem");
+            let pem =
+                vibstage_protocol::dsse::verifying_key_to_pem(&k.verifying_key()).expect("pem");
             std::fs::write(dir.path().join(format!("{name}.pub")), pem).expect("pub");
         }
         World {
@@ -201,8 +207,14 @@ impl World {
                     maintenance_mode: true,
                     reboot_required: true,
                 };
-                let added = vibstage::cli::depot::add(&self.depot_dir, &self.vendor_key, &spec, None, &[file])
-                    .expect("depot add");
+                let added = vibstage::cli::depot::add(
+                    &self.depot_dir,
+                    &self.vendor_key,
+                    &spec,
+                    None,
+                    &[file],
+                )
+                .expect("depot add");
                 added[0].descriptor.sha256.to_hex()
             })
             .collect()
@@ -211,11 +223,22 @@ impl World {
     /// Signs an image of the given components (each `NAME=VERSION`) from the depot's descriptors;
     /// returns the envelope.
     pub fn image(&self, name: &str, serial: u64, components: &[&str]) -> Envelope {
-        self.image_expiring(name, serial, components, OffsetDateTime::now_utc() + time::Duration::days(30))
+        self.image_expiring(
+            name,
+            serial,
+            components,
+            OffsetDateTime::now_utc() + time::Duration::days(30),
+        )
     }
 
     /// [`World::image`] with an explicit expiry.
-    pub fn image_expiring(&self, name: &str, serial: u64, components: &[&str], expires: OffsetDateTime) -> Envelope {
+    pub fn image_expiring(
+        &self,
+        name: &str,
+        serial: u64,
+        components: &[&str],
+        expires: OffsetDateTime,
+    ) -> Envelope {
         let spec = ImageSpec {
             name: name.parse().expect("name"),
             serial,
@@ -239,7 +262,13 @@ impl World {
 
     /// Writes a client certificate pair named `name` into `dir`, valid from/to the given offsets
     /// from now; returns the directory (usable as a `--tls-dir`).
-    pub fn client_tls_dir(&self, dir_name: &str, name: &str, from: time::Duration, to: time::Duration) -> PathBuf {
+    pub fn client_tls_dir(
+        &self,
+        dir_name: &str,
+        name: &str,
+        from: time::Duration,
+        to: time::Duration,
+    ) -> PathBuf {
         let dir = self.dir.path().join(dir_name);
         std::fs::create_dir_all(&dir).expect("dir");
         let now = OffsetDateTime::now_utc();
@@ -255,8 +284,13 @@ impl World {
         let home = self.dir.path().join(format!("agent-{name}"));
         std::fs::create_dir_all(&home).expect("agent dir");
         let now = OffsetDateTime::now_utc();
-        let server = issue_server(&self.ca, "localhost", now - time::Duration::hours(1), now + time::Duration::days(30))
-            .expect("server cert");
+        let server = issue_server(
+            &self.ca,
+            "localhost",
+            now - time::Duration::hours(1),
+            now + time::Duration::days(30),
+        )
+        .expect("server cert");
         std::fs::write(home.join("agent.pem"), server.cert_pem).expect("cert");
         std::fs::write(home.join("agent.key"), server.key_pem).expect("key");
         let port = free_port();
@@ -265,7 +299,15 @@ impl World {
             .volatile
             .clone()
             .unwrap_or_else(|| home.join("volatile").display().to_string());
-        let list = |v: &[String]| format!("[{}]", v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "));
+        let list = |v: &[String]| {
+            format!(
+                "[{}]",
+                v.iter()
+                    .map(|s| format!("{s:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         let config = format!(
             r#"[agent]
 host_id = "{name}"
@@ -424,12 +466,24 @@ impl AgentProc {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("vibstaged {} exited early ({status}); log:\n{}", self.name, self.log_text());
+                panic!(
+                    "vibstaged {} exited early ({status}); log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
-            if self.try_request("GET", "/healthz", None).is_ok_and(|r| r.status == 200) {
+            if self
+                .try_request("GET", "/healthz", None)
+                .is_ok_and(|r| r.status == 200)
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "vibstaged {} not ready; log:\n{}", self.name, self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "vibstaged {} not ready; log:\n{}",
+                self.name,
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -478,16 +532,32 @@ impl AgentProc {
     }
 
     /// Sends a request on the Unix socket.
-    pub fn try_request(&self, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<Reply> {
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> std::io::Result<Reply> {
         let mut stream = UnixStream::connect(&self.socket)?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        http_exchange(&mut stream, method, path, body.map(|b| b.to_string()).as_deref(), "application/json")
+        http_exchange(
+            &mut stream,
+            method,
+            path,
+            body.map(|b| b.to_string()).as_deref(),
+            "application/json",
+        )
     }
 
     /// Sends a request on the Unix socket; panics if the socket is unusable.
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
-        self.try_request(method, path, body)
-            .unwrap_or_else(|e| panic!("request {method} {path} to {}: {e}\nlog:\n{}", self.name, self.log_text()))
+        self.try_request(method, path, body).unwrap_or_else(|e| {
+            panic!(
+                "request {method} {path} to {}: {e}\nlog:\n{}",
+                self.name,
+                self.log_text()
+            )
+        })
     }
 
     /// `GET /v1/status`.
@@ -516,7 +586,12 @@ impl AgentProc {
             if !matches!(state.as_str(), "queued" | "running") {
                 return r.json;
             }
-            assert!(Instant::now() < deadline, "task {id} still {state}: {}\nlog:\n{}", r.body, self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "task {id} still {state}: {}\nlog:\n{}",
+                r.body,
+                self.log_text()
+            );
         }
     }
 
@@ -570,11 +645,22 @@ pub fn http_exchange<S: Read + Write>(
     let body = body.unwrap_or("");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n");
     if !body.is_empty() || method == "POST" {
-        req.push_str(&format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n", body.len()));
+        req.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body);
-    stream.write_all(req.as_bytes())?;
+    if let Err(e) = stream.write_all(req.as_bytes()) {
+        // A server may answer (413) and close before reading a large body; read what it said.
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ) {
+            return Err(e);
+        }
+    }
     let mut raw = Vec::new();
     match stream.read_to_end(&mut raw) {
         Ok(_) => {}
@@ -598,7 +684,10 @@ fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("no status"))?;
     let mut body = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body);
     }
     let body = String::from_utf8_lossy(&body).into_owned();
@@ -612,7 +701,8 @@ fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
-        let len = usize::from_str_radix(String::from_utf8_lossy(&data[..pos]).trim(), 16).unwrap_or(0);
+        let len =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..pos]).trim(), 16).unwrap_or(0);
         if len == 0 {
             break;
         }
@@ -632,14 +722,19 @@ pub fn tls_client(ca_pem: &Path, client: Option<(&Path, &Path)>) -> Arc<rustls::
     for c in CertificateDer::pem_file_iter(ca_pem).expect("ca") {
         roots.add(c.expect("ca cert")).expect("add ca");
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
     let config = match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(
-                CertificateDer::pem_file_iter(cert).expect("cert").map(|c| c.expect("cert")).collect(),
+                CertificateDer::pem_file_iter(cert)
+                    .expect("cert")
+                    .map(|c| c.expect("cert"))
+                    .collect(),
                 PrivateKeyDer::from_pem_file(key).expect("key"),
             )
             .expect("client auth"),
@@ -661,5 +756,11 @@ pub fn tls_request(
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    http_exchange(&mut tls, method, path, body.map(|b| b.to_string()).as_deref(), "application/json")
+    http_exchange(
+        &mut tls,
+        method,
+        path,
+        body.map(|b| b.to_string()).as_deref(),
+        "application/json",
+    )
 }

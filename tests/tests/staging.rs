@@ -22,12 +22,18 @@ fn stages_bytes_equal_to_the_depot_with_root_only_modes_and_restaging_downloads_
 
     let task = agent.stage_and_wait(&image, &world.depot.url());
     assert_eq!(task["state"], "succeeded", "{task}");
-    assert_eq!(task["progress"]["bytes_done"], task["progress"]["bytes_total"]);
+    assert_eq!(
+        task["progress"]["bytes_done"],
+        task["progress"]["bytes_total"]
+    );
 
     for d in &digests {
         let blob = agent.scratch.join("blobs/sha256").join(d);
         let depot = world.depot_dir.join("vibs").join(d);
-        assert_eq!(std::fs::read(&blob).expect("blob"), std::fs::read(&depot).expect("depot"));
+        assert_eq!(
+            std::fs::read(&blob).expect("blob"),
+            std::fs::read(&depot).expect("depot")
+        );
         assert_eq!(mode(&blob), 0o400);
         assert_eq!(std::fs::metadata(&blob).expect("meta").uid(), 0);
     }
@@ -49,5 +55,10 @@ fn stages_bytes_equal_to_the_depot_with_root_only_modes_and_restaging_downloads_
         let id = r.json["task"]["id"].as_str().expect("id");
         assert_eq!(agent.wait_task(id, 60)["state"], "succeeded");
     }
-    assert_eq!(world.depot.bytes_served(), 0, "{:?}", world.depot.requests());
+    assert_eq!(
+        world.depot.bytes_served(),
+        0,
+        "{:?}",
+        world.depot.requests()
+    );
 }

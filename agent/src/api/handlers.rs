@@ -129,7 +129,10 @@ pub async fn task(
     };
     match task {
         Some(t) => Ok(Json(t).into_response()),
-        None => Err(ApiError::new(ErrorCode::NotFound, format!("no task {id:?}"))),
+        None => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no task {id:?}"),
+        )),
     }
 }
 
@@ -162,8 +165,14 @@ pub async fn metrics(State(s): State<ApiState>) -> Response {
         .into_iter()
         .map(|((k, st), n)| {
             (
-                serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
-                serde_json::to_value(st).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                serde_json::to_value(k)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                serde_json::to_value(st)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
                 n,
             )
         })

@@ -116,13 +116,19 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = request.method().clone();
-    let role = request
-        .extensions()
-        .get::<Peer>()
-        .and_then(|peer| state.access.read().unwrap_or_else(|p| p.into_inner()).role(peer));
+    let role = request.extensions().get::<Peer>().and_then(|peer| {
+        state
+            .access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .role(peer)
+    });
     let response = match role {
-        None => ApiError::new(ErrorCode::Forbidden, "this client may not use the vibstage API")
-            .into_response(),
+        None => ApiError::new(
+            ErrorCode::Forbidden,
+            "this client may not use the vibstage API",
+        )
+        .into_response(),
         Some(Role::Reader) if !matches!(method, Method::GET | Method::HEAD) => ApiError::new(
             ErrorCode::Forbidden,
             "this client may only read (it is listed in tls.readers)",
