@@ -66,7 +66,7 @@ pub enum Started {
 }
 
 #[derive(Debug, Clone)]
-struct Running {
+pub(crate) struct Running {
     task_id: String,
     digest: ImageDigest,
 }
@@ -74,19 +74,19 @@ struct Running {
 /// The agent.
 #[derive(Debug)]
 pub struct Agent {
-    host_id: String,
-    config: Config,
-    trust: RwLock<Arc<TrustStore>>,
-    stager: Stager,
-    state: Mutex<State>,
-    state_file: StateFile,
-    tasks: Tasks,
-    metrics: Metrics,
-    running: Mutex<Option<Running>>,
-    jobs: Mutex<tokio::task::JoinSet<()>>,
+    pub(crate) host_id: String,
+    pub(crate) config: Config,
+    pub(crate) trust: RwLock<Arc<TrustStore>>,
+    pub(crate) stager: Stager,
+    pub(crate) state: Mutex<State>,
+    pub(crate) state_file: StateFile,
+    pub(crate) tasks: Tasks,
+    pub(crate) metrics: Metrics,
+    pub(crate) running: Mutex<Option<Running>>,
+    pub(crate) jobs: Mutex<tokio::task::JoinSet<()>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -140,14 +140,14 @@ impl Agent {
         self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn host_policy(&self) -> HostPolicy {
+    pub(crate) fn host_policy(&self) -> HostPolicy {
         HostPolicy {
             has_dpus: !self.config.host.dpus.is_empty(),
             firmware_vendors: self.config.host.firmware_staging_vendors.clone(),
         }
     }
 
-    fn save(&self, state: &State) -> Result<(), AgentError> {
+    pub(crate) fn save(&self, state: &State) -> Result<(), AgentError> {
         self.state_file.save(state).map_err(|e| {
             AgentError::new(
                 ErrorCode::Internal,
@@ -183,7 +183,7 @@ impl Agent {
         matches!(self.stager.stores().find(digest), Ok(Some((store, _, record))) if parts_of(&record, store).staged)
     }
 
-    fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
+    pub(crate) fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
         compliance::evaluate(
             image,
             state.installed.as_ref(),
@@ -205,6 +205,24 @@ impl Agent {
 
     /// `POST /v1/stage`: verifies, applies R12, and starts (or joins) the staging task.
     pub fn stage(self: &Arc<Self>, env: Envelope, depot: String) -> Result<Started, AgentError> {
+        self.start(TaskKind::Stage, env, depot)
+    }
+
+    /// `POST /v1/remediate`: verifies and starts (or joins) the remediation task.
+    pub fn remediate(
+        self: &Arc<Self>,
+        env: Envelope,
+        depot: String,
+    ) -> Result<Started, AgentError> {
+        self.start(TaskKind::Remediate, env, depot)
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        kind: TaskKind,
+        env: Envelope,
+        depot: String,
+    ) -> Result<Started, AgentError> {
         let image = self.verify(&env, true)?;
         self.stager
             .fetcher()
@@ -214,6 +232,7 @@ impl Agent {
         if let Some(r) = running.as_ref() {
             if r.digest == image.digest
                 && let Some(task) = self.tasks.get(&r.task_id)
+                && task.kind == kind
             {
                 return Ok(Started::Joined(task));
             }
@@ -239,7 +258,7 @@ impl Agent {
                     return Ok(Started::NothingToDo(vec![Notification {
                         code: "already_compliant".into(),
                         message: format!(
-                            "host already runs image {} (serial {}); nothing to stage",
+                            "host already runs image {} (serial {}); nothing to do",
                             image_ref.name, image_ref.serial
                         ),
                         retriable: false,
@@ -269,7 +288,7 @@ impl Agent {
         }
         let progress = Arc::new(StageProgress::default());
         let task = self.tasks.create(
-            TaskKind::Stage,
+            kind,
             Some(image_ref),
             Some(TaskRequest {
                 image: env.clone(),
@@ -282,12 +301,13 @@ impl Agent {
             digest: image.digest,
         });
         drop(running);
-        self.spawn_stage(task.id.clone(), env, image, depot, progress);
+        self.spawn_job(kind, task.id.clone(), env, image, depot, progress);
         Ok(Started::New(task))
     }
 
-    fn spawn_stage(
+    fn spawn_job(
         self: &Arc<Self>,
+        kind: TaskKind,
         task_id: String,
         env: Envelope,
         image: VerifiedImage,
@@ -296,28 +316,36 @@ impl Agent {
     ) {
         let agent = self.clone();
         lock(&self.jobs).spawn(async move {
-            let installed = lock(&agent.state).installed_vibs();
-            let result = agent
-                .stager
-                .stage(&env, &image, &depot, &installed, &agent.host_policy(), &progress)
-                .await;
+            let result = if kind == TaskKind::Remediate {
+                agent.run_remediation(&task_id, &env, &image, &depot, &progress).await
+            } else {
+                let installed = lock(&agent.state).installed_vibs();
+                agent
+                    .stager
+                    .stage(&env, &image, &depot, &installed, &agent.host_policy(), &progress)
+                    .await
+                    .map(|outcome| {
+                        tracing::info!(image = %image.digest, downloaded = outcome.downloaded, location = %outcome.location.display(), "staged");
+                        outcome.record.notifications
+                    })
+                    .map_err(AgentError::from)
+            };
             let mut state = lock(&agent.state);
             let outcome = match result {
-                Ok(outcome) => {
-                    tracing::info!(image = %image.digest, downloaded = outcome.downloaded, location = %outcome.location.display(), "staged");
+                Ok(notes) => {
                     state.last_failure = None;
-                    Ok(outcome.record.notifications)
+                    Ok(notes)
                 }
                 Err(e) => {
-                    tracing::warn!(image = %image.digest, error = %e, "staging failed");
+                    tracing::warn!(image = %image.digest, error = %e, ?kind, "task failed");
                     state.last_failure = Some(image.digest);
-                    Err(AgentError::from(e).0)
+                    Err(e.0)
                 }
             };
             let report = agent.evaluate(&image, &state);
             state.compliance = Some(report);
             if let Err(e) = agent.save(&state) {
-                tracing::error!(error = %e, "failed to save state after staging");
+                tracing::error!(error = %e, "failed to save state after a task");
             }
             drop(state);
             agent.tasks.finish(&task_id, outcome);
@@ -334,8 +362,8 @@ impl Agent {
                 _ => Err(AgentError::new(
                     ErrorCode::Internal,
                     format!(
-                        "the agent stopped while this {:?} task was running",
-                        task.kind
+                        "the agent stopped while this task was running (step: {})",
+                        task.step.as_deref().unwrap_or("starting")
                     ),
                 )),
             };
@@ -348,7 +376,14 @@ impl Agent {
                         task_id: task.id.clone(),
                         digest: image.digest,
                     });
-                    self.spawn_stage(task.id, req.image, image, req.depot, progress);
+                    self.spawn_job(
+                        TaskKind::Stage,
+                        task.id,
+                        req.image,
+                        image,
+                        req.depot,
+                        progress,
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(task = %task.id, error = %e, "interrupted task failed");

@@ -191,11 +191,26 @@ pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
     )
     .map_err(|e| DaemonError::runtime("cannot build the depot client", e))?;
     let stager = Stager::new(stores, fetcher, config.scratch.concurrency);
-    let (state, warning) = StateFile::new(&config.agent.state_dir)
+    let state_file = StateFile::new(&config.agent.state_dir);
+    let (mut state, warning) = state_file
         .load()
         .map_err(|e| DaemonError::runtime("cannot load agent state", e))?;
     if let Some(w) = warning {
         tracing::error!("{w}");
+    }
+    // The built-in installer's bank is the truth about what is installed.
+    match crate::remediate::read_current_bank(&config.agent.state_dir) {
+        Ok(Some(bank)) if state.installed.as_ref() != Some(&bank) => {
+            tracing::warn!(image = %bank.image.digest, "installed image taken from bootbank/current");
+            state.installed = Some(bank);
+            state_file
+                .save(&state)
+                .map_err(|e| DaemonError::runtime("cannot save agent state", e))?;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read bootbank/current; keeping the recorded installed image")
+        }
     }
     let (tasks, interrupted, warning) = Tasks::load(&config.agent.state_dir)
         .map_err(|e| DaemonError::runtime("cannot load the task list", e))?;

@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod fsutil;
 pub mod metrics;
 pub mod pki;
+pub mod remediate;
 pub mod server;
 pub mod stage;
 pub mod state;

@@ -531,6 +531,24 @@ impl AgentProc {
         }
     }
 
+    /// Waits up to `limit` for a process started with [`AgentProc::spawn`] to exit on its own
+    /// (e.g. one refused at start) and reaps it; `None` if it is still running (it is then
+    /// left running) or was not started.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a request on the Unix socket.
     pub fn try_request(
         &self,

@@ -90,16 +90,12 @@ pub async fn stage(
 }
 
 pub async fn remediate(
-    State(_s): State<ApiState>,
+    State(s): State<ApiState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let _req: StageRequest = json_body(&headers, body)?;
-    Err(ApiError::with_status(
-        StatusCode::NOT_IMPLEMENTED,
-        ErrorCode::Internal,
-        "remediation is not available in this build of vibstaged",
-    ))
+    let req: StageRequest = json_body(&headers, body)?;
+    Ok(started(s.agent.remediate(req.image, req.depot)?))
 }
 
 pub async fn tasks(State(s): State<ApiState>) -> Response {

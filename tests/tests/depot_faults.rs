@@ -1,0 +1,381 @@
+//! A misbehaving depot (issue 3, "Must show"): one test per fault of the fault-injecting depot.
+//!
+//! Each test stages a one-VIB image from a depot that breaks in one way, and checks either that
+//! staging succeeds with bytes equal to the depot's (and, where it matters, how the agent got
+//! there: a Range resume or a restart from zero), or that it fails with the precise error code.
+//! Whatever happens, no file under `blobs/` ever holds wrong bytes, and a VIB that failed has no
+//! blob at all (SPEC §2 "exactly `size` bytes … and their sha256 matches", §7, R11).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use vibstage_e2e::{AgentOptions, AgentProc, Depot, Fault, RequestLog, VibFile, World};
+use vibstage_protocol::Envelope;
+
+/// Size of the VIB: several 64 KiB chunks, not a multiple of the chunk size.
+const SIZE: u64 = 1_000_003;
+
+/// One world with one software VIB in its depot, an image of it and a running agent.
+struct Case {
+    world: World,
+    agent: AgentProc,
+    image: Envelope,
+    /// sha256 hex of the VIB.
+    hex: String,
+    /// `/vibs/<hex>`.
+    path: String,
+}
+
+impl Case {
+    /// A case whose agent gives up on a stall after `timeout_secs` and retries `retries` times.
+    fn new(timeout_secs: u64, retries: u32) -> Case {
+        let world = World::new();
+        let hex = world
+            .add_vibs(&[VibFile::software("esx-base", SIZE as usize)])
+            .remove(0);
+        let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+        let mut agent = world.agent(
+            "esx-01",
+            AgentOptions {
+                timeout_secs: Some(timeout_secs),
+                retries: Some(retries),
+                ..AgentOptions::default()
+            },
+        );
+        agent.start();
+        let path = Depot::vib_path(&hex);
+        Case {
+            world,
+            agent,
+            image,
+            hex,
+            path,
+        }
+    }
+
+    fn fault(&self, fault: Fault, times: usize) {
+        self.world.depot.fault(&self.path, fault, times);
+    }
+
+    /// Stages the image and returns the finished task.
+    fn stage(&self) -> Value {
+        self.agent
+            .stage_and_wait(&self.image, &self.world.depot.url())
+    }
+
+    /// The depot's requests for the VIB, in order.
+    fn vib_requests(&self) -> Vec<RequestLog> {
+        self.world
+            .depot
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == self.path)
+            .collect()
+    }
+
+    fn partial(&self) -> PathBuf {
+        self.agent
+            .scratch
+            .join("ingest")
+            .join(format!("{}.partial", self.hex))
+    }
+
+    /// The task succeeded and the store holds exactly the VIB, byte for byte the depot's.
+    fn assert_staged(&self, task: &Value) {
+        assert_eq!(
+            task["state"],
+            "succeeded",
+            "{task}\nlog:\n{}",
+            self.agent.log_text()
+        );
+        assert_eq!(task["error"], Value::Null, "{task}");
+        assert_eq!(self.agent.blobs(), vec![(self.hex.clone(), true)]);
+        let blob = self.agent.scratch.join("blobs/sha256").join(&self.hex);
+        let depot = self.world.depot_dir.join("vibs").join(&self.hex);
+        assert!(
+            std::fs::read(blob).expect("blob") == std::fs::read(depot).expect("depot file"),
+            "blob bytes differ from the depot's"
+        );
+        assert!(!self.partial().exists(), "partial download left behind");
+        let status = self.agent.status();
+        assert_eq!(status["staging"]["state"], "staged", "{status}");
+        assert_eq!(status["staging"]["staged"], true, "{status}");
+    }
+
+    /// The task failed with `code` and nothing of the VIB is in `blobs/`.
+    fn assert_failed(&self, task: &Value, code: &str) {
+        assert_eq!(
+            task["state"],
+            "failed",
+            "{task}\nlog:\n{}",
+            self.agent.log_text()
+        );
+        assert_eq!(task["error"]["code"], code, "{task}");
+        assert_eq!(
+            self.agent.blobs(),
+            Vec::<(String, bool)>::new(),
+            "no blob for a failed VIB"
+        );
+        let staged = self.agent.request("GET", "/v1/staged", None);
+        assert_eq!(
+            staged.json["staged"],
+            serde_json::json!([]),
+            "{}",
+            staged.body
+        );
+        let status = self.agent.status();
+        assert_eq!(status["staging"]["staged"], false, "{status}");
+    }
+
+    /// Bytes mismatches throw the partial download away: wrong bytes are not kept for a resume.
+    fn assert_no_partial(&self) {
+        assert!(
+            !self.partial().exists(),
+            "partial download of wrong bytes left behind"
+        );
+    }
+}
+
+/// The start offset of a `Range: bytes=N-` header.
+fn range_start(range: &Option<String>) -> Option<u64> {
+    range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn truncated_body_is_resumed_with_a_range_request() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Truncate { after: 300_000 }, 1);
+    let task = case.stage();
+    case.assert_staged(&task);
+
+    let log = case.vib_requests();
+    assert!(log.len() >= 2, "{log:?}");
+    assert_eq!(log[0].range, None, "{log:?}");
+    assert_eq!(log[0].body_bytes_sent, 300_000, "{log:?}");
+    let resumed = &log[1];
+    let start = range_start(&resumed.range).unwrap_or_else(|| panic!("no Range resume: {log:?}"));
+    assert!(start > 0 && start <= 300_000, "{log:?}");
+    assert_eq!(resumed.status, 206, "{log:?}");
+    assert_eq!(resumed.body_bytes_sent, SIZE - start, "{log:?}");
+}
+
+#[test]
+fn byte_corrupted_once_is_refetched_and_staged() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Corrupt { offset: 500_000 }, 1);
+    let task = case.stage();
+    case.assert_staged(&task);
+    let log = case.vib_requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    // The corrupt bytes were thrown away: the second download starts from zero.
+    assert_eq!(log[1].range, None, "{log:?}");
+    assert_eq!(log[1].body_bytes_sent, SIZE, "{log:?}");
+}
+
+#[test]
+fn byte_corrupted_every_time_is_checksum_mismatch() {
+    let case = Case::new(2, 2);
+    case.fault(Fault::Corrupt { offset: 500_000 }, usize::MAX);
+    let task = case.stage();
+    case.assert_failed(&task, "checksum_mismatch");
+    case.assert_no_partial();
+    // Retried within the budget (1 + 2 retries), each time from zero.
+    let log = case.vib_requests();
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log.iter().all(|r| r.range.is_none()), "{log:?}");
+}
+
+#[test]
+fn connection_reset_mid_body_is_resumed_with_a_range_request() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Reset { after: 400_000 }, 1);
+    let task = case.stage();
+    case.assert_staged(&task);
+
+    let log = case.vib_requests();
+    assert!(log.len() >= 2, "{log:?}");
+    assert_eq!(log[0].range, None, "{log:?}");
+    let resumed = &log[1];
+    let start = range_start(&resumed.range).unwrap_or_else(|| panic!("no Range resume: {log:?}"));
+    assert!(start > 0 && start <= 400_000, "{log:?}");
+    assert_eq!(resumed.status, 206, "{log:?}");
+    assert_eq!(resumed.body_bytes_sent, SIZE - start, "{log:?}");
+}
+
+#[test]
+fn range_ignored_by_the_depot_restarts_from_zero() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Truncate { after: 300_000 }, 1);
+    case.fault(Fault::IgnoreRange, 1);
+    let task = case.stage();
+    case.assert_staged(&task);
+
+    let log = case.vib_requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    // The resume asked for a Range and got the whole file with a 200 …
+    assert!(range_start(&log[1].range).is_some_and(|s| s > 0), "{log:?}");
+    assert_eq!(log[1].status, 200, "{log:?}");
+    assert_eq!(log[1].body_bytes_sent, SIZE, "{log:?}");
+    // … which the agent took from byte zero: nothing else was needed.
+    assert_eq!(case.world.depot.bytes_served(), 300_000 + SIZE);
+    let progress = &task["progress"];
+    assert_eq!(progress["bytes_done"], SIZE, "{task}");
+    assert_eq!(progress["bytes_total"], SIZE, "{task}");
+}
+
+#[test]
+fn wrong_content_range_makes_the_agent_start_over() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Truncate { after: 300_000 }, 1);
+    case.fault(Fault::WrongContentRange, 1);
+    let task = case.stage();
+    case.assert_staged(&task);
+
+    let log = case.vib_requests();
+    assert_eq!(log.len(), 3, "{log:?}");
+    let asked = range_start(&log[1].range).unwrap_or_else(|| panic!("no Range resume: {log:?}"));
+    assert!(asked > 0, "{log:?}");
+    assert_eq!(log[1].status, 206, "{log:?}");
+    // The answer's Content-Range did not start where asked: the agent started over from zero.
+    assert_eq!(log[2].range, None, "{log:?}");
+    assert_eq!(log[2].status, 200, "{log:?}");
+    assert_eq!(log[2].body_bytes_sent, SIZE, "{log:?}");
+}
+
+#[test]
+fn server_error_once_is_retried() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Status(500), 1);
+    let task = case.stage();
+    case.assert_staged(&task);
+    let statuses: Vec<u16> = case.vib_requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![500, 200]);
+}
+
+#[test]
+fn server_error_every_time_is_depot_unreachable() {
+    let case = Case::new(2, 1);
+    case.fault(Fault::Status(503), usize::MAX);
+    let task = case.stage();
+    case.assert_failed(&task, "depot_unreachable");
+    assert_eq!(case.vib_requests().len(), 2, "1 + 1 retry");
+}
+
+#[test]
+fn stall_longer_than_the_timeout_once_is_retried_and_resumed() {
+    let case = Case::new(1, 3);
+    case.fault(
+        Fault::Stall {
+            after: 200_000,
+            for_: Duration::from_secs(4),
+        },
+        1,
+    );
+    let task = case.stage();
+    case.assert_staged(&task);
+
+    let log = case.vib_requests();
+    assert_eq!(log.len(), 2, "{log:?}");
+    let start = range_start(&log[1].range).unwrap_or_else(|| panic!("no Range resume: {log:?}"));
+    assert!(start > 0 && start <= 200_000, "{log:?}");
+    assert!(
+        case.agent.log_text().contains("stalled"),
+        "the stall is not in the agent's log:\n{}",
+        case.agent.log_text()
+    );
+}
+
+#[test]
+fn body_longer_than_the_size_is_size_mismatch() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::ExtraBytes(10), usize::MAX);
+    let task = case.stage();
+    case.assert_failed(&task, "size_mismatch");
+    case.assert_no_partial();
+}
+
+#[test]
+fn resumed_body_longer_than_the_rest_is_size_mismatch() {
+    // A 206 carries no total the agent trusts: the cap on what it writes catches the extra bytes.
+    let case = Case::new(2, 3);
+    case.fault(Fault::Truncate { after: 300_000 }, 1);
+    case.fault(Fault::ExtraBytes(10), usize::MAX);
+    let task = case.stage();
+    case.assert_failed(&task, "size_mismatch");
+    case.assert_no_partial();
+    let log = case.vib_requests();
+    assert!(range_start(&log[1].range).is_some_and(|s| s > 0), "{log:?}");
+}
+
+#[test]
+fn content_length_shorter_than_the_size_is_size_mismatch() {
+    let case = Case::new(2, 3);
+    case.fault(
+        Fault::SizeLie {
+            content_length: SIZE - 1000,
+        },
+        usize::MAX,
+    );
+    let task = case.stage();
+    case.assert_failed(&task, "size_mismatch");
+    case.assert_no_partial();
+}
+
+#[test]
+fn content_length_longer_than_the_size_is_size_mismatch() {
+    let case = Case::new(2, 3);
+    case.fault(
+        Fault::SizeLie {
+            content_length: SIZE + 100,
+        },
+        usize::MAX,
+    );
+    let task = case.stage();
+    case.assert_failed(&task, "size_mismatch");
+    case.assert_no_partial();
+}
+
+#[test]
+fn vib_missing_from_the_depot_is_depot_unreachable() {
+    let case = Case::new(2, 3);
+    std::fs::remove_file(case.world.depot_dir.join("vibs").join(&case.hex)).expect("remove vib");
+    let task = case.stage();
+    case.assert_failed(&task, "depot_unreachable");
+    let log = case.vib_requests();
+    assert!(
+        !log.is_empty() && log.iter().all(|r| r.status == 404),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn endless_body_is_size_mismatch() {
+    let case = Case::new(2, 3);
+    case.fault(Fault::Endless, usize::MAX);
+    let task = case.stage();
+    case.assert_failed(&task, "size_mismatch");
+    case.assert_no_partial();
+    // The agent stopped reading soon after the size: it did not swallow the endless stream.
+    let served = case.world.depot.bytes_served();
+    assert!(served < 64 * SIZE, "{served} bytes served");
+}
+
+#[test]
+fn redirect_from_https_to_http_is_refused() {
+    let case = Case::new(2, 3);
+    let http = format!("http://{}{}", case.world.depot.addr(), case.path);
+    case.fault(Fault::RedirectTo(http), usize::MAX);
+    let task = case.stage();
+    case.assert_failed(&task, "depot_unreachable");
+    // Nothing stored: at most an empty partial file kept for a later resume.
+    let partial = std::fs::metadata(case.partial()).map_or(0, |m| m.len());
+    assert_eq!(partial, 0, "bytes from a plain-http redirect were stored");
+    let log = case.vib_requests();
+    assert!(log.iter().all(|r| r.status == 302), "{log:?}");
+}
