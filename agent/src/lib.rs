@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod compliance;
 pub mod config;
 pub mod daemon;

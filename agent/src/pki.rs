@@ -2,8 +2,8 @@
 //! loading PEM certificates and keys for the TLS listeners and clients.
 //!
 //! A [`DevCa`] is a self-signed ECDSA P-256 CA whose subject is a single common name
-//! ("vibstage development CA <random>", unique per CA so two development CAs are never confused by
-//! a name-based chain builder). It issues server certificates ([`issue_server`]: the host's name
+//! ("vibstage development CA" and a random suffix, unique per CA so that two development CAs are
+//! never confused by a name-based chain builder). It issues server certificates ([`issue_server`]: the host's name
 //! plus `localhost`, `127.0.0.1` and `::1`) and controller client certificates ([`issue_client`]:
 //! CN and DNS SAN = the operator name that `tls.operators` lists). Every issued certificate gets a
 //! fresh key. A CA written by `certs init` can be loaded back with [`DevCa::from_pem`] to issue

@@ -284,11 +284,6 @@ fn stall_longer_than_the_timeout_once_is_retried_and_resumed() {
     assert_eq!(log.len(), 2, "{log:?}");
     let start = range_start(&log[1].range).unwrap_or_else(|| panic!("no Range resume: {log:?}"));
     assert!(start > 0 && start <= 200_000, "{log:?}");
-    assert!(
-        case.agent.log_text().contains("stalled"),
-        "the stall is not in the agent's log:\n{}",
-        case.agent.log_text()
-    );
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 pub mod certs;
 pub mod depot;
+pub mod hosts;
 pub mod image;
 pub mod keygen;
 
@@ -68,7 +69,7 @@ pub struct TargetArgs {
     /// A remote agent, HOST or HOST:PORT (port 9443 if absent); repeatable.
     #[arg(long, global = true, value_name = "HOST[:PORT]", help_heading = TARGET_HEADING)]
     pub host: Vec<String>,
-    /// A file naming remote agents, one HOST[:PORT] a line.
+    /// A file naming remote agents, one HOST or HOST:PORT a line.
     #[arg(long, global = true, value_name = "FILE", help_heading = TARGET_HEADING)]
     pub hosts: Option<PathBuf>,
     /// Directory holding ca.pem, client.pem and client.key for mutual TLS.
@@ -91,6 +92,20 @@ pub enum Command {
     Depot(depot::Args),
     /// Create or verify signed images.
     Image(image::Args),
+    /// Host summary: compliance, staged mark, scratch, maintenance, running task.
+    Status,
+    /// Compliance check of the hosts against an image.
+    Check(hosts::CheckArgs),
+    /// Stage an image on the hosts (all in parallel by default).
+    Stage(hosts::LifecycleArgs),
+    /// Stage what is missing, enter maintenance mode, install, exit (one host at a time by default).
+    Remediate(hosts::LifecycleArgs),
+    /// List staged content, or `staged rm DIGEST`.
+    Staged(hosts::StagedArgs),
+    /// List tasks, newest first.
+    Tasks,
+    /// Show one task (`--wait` until it ends).
+    Task(hosts::TaskArgs),
 }
 
 /// What every subcommand may consult besides its own arguments.
@@ -219,6 +234,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Certs(args) => certs::run(args, &ctx, out),
         Command::Depot(args) => depot::run(args, &ctx, out),
         Command::Image(args) => image::run(args, &ctx, out),
+        Command::Status => hosts::status(&ctx, out),
+        Command::Check(args) => hosts::check(args, &ctx, out),
+        Command::Stage(args) => hosts::lifecycle(false, args, &ctx, out),
+        Command::Remediate(args) => hosts::lifecycle(true, args, &ctx, out),
+        Command::Staged(args) => hosts::staged(args, &ctx, out),
+        Command::Tasks => hosts::tasks(&ctx, out),
+        Command::Task(args) => hosts::task(args, &ctx, out),
     }
 }
 
