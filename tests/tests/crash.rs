@@ -217,7 +217,7 @@ fn killed_again_and_again_never_leaves_a_wrong_blob_and_never_refetches_a_commit
 
     // Kill points, in ms after the agent (re)started: some during start-up itself.
     let delays = [250, 0, 600, 30, 900, 400, 1200];
-    let mut committed = BTreeSet::new();
+    let mut committed: BTreeSet<String> = BTreeSet::new();
     let mut held: Vec<(String, u64)> = Vec::new();
     for (round, delay) in delays.into_iter().enumerate() {
         if round > 0 {

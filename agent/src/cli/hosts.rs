@@ -149,7 +149,7 @@ where
             });
             // Taking the permit here, in target order, makes `--parallel 1` go host by host in
             // the order given.
-            let Ok(permit) = limit.acquire_owned().await else {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
                 break;
             };
             handles.push(tokio::spawn(async move {
