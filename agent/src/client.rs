@@ -80,8 +80,9 @@ impl AgentClient {
     /// A remote agent `host[:port]` over mutual TLS with the files in `tls_dir`.
     pub fn remote(host: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
         let read = |name: &str| {
-            std::fs::read(tls_dir.join(name))
-                .map_err(|e| ClientError::Setup(format!("cannot read {}: {e}", tls_dir.join(name).display())))
+            std::fs::read(tls_dir.join(name)).map_err(|e| {
+                ClientError::Setup(format!("cannot read {}: {e}", tls_dir.join(name).display()))
+            })
         };
         let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)
             .map_err(|e| ClientError::Setup(format!("ca.pem: {}", chain(&e))))?;
@@ -97,7 +98,10 @@ impl AgentClient {
             .build()
             .map_err(|e| ClientError::Setup(chain(&e)))?;
         let authority = if host.starts_with('[') || host.matches(':').count() == 1 {
-            if host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            if host
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
                 host.to_owned()
             } else {
                 format!("{host}:9443")
@@ -114,7 +118,10 @@ impl AgentClient {
         })
     }
 
-    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<(u16, T), ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, T), ClientError> {
         let response = request
             .timeout(Duration::from_secs(330))
             .send()
@@ -129,7 +136,10 @@ impl AgentClient {
             let detail = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| {
-                    ErrorDetail::new(ErrorCode::Internal, format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))
+                    ErrorDetail::new(
+                        ErrorCode::Internal,
+                        format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                    )
                 });
             return Err(ClientError::Api { status, detail });
         }
@@ -143,16 +153,25 @@ impl AgentClient {
 
     /// GET `path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.client.get(format!("{}{path}", self.base))).await.map(|(_, v)| v)
+        self.send(self.client.get(format!("{}{path}", self.base)))
+            .await
+            .map(|(_, v)| v)
     }
 
     /// POST `body` as JSON to `path`; returns the status and the answer.
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<(u16, T), ClientError> {
-        self.send(self.client.post(format!("{}{path}", self.base)).json(body)).await
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(u16, T), ClientError> {
+        self.send(self.client.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     /// DELETE `path`.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.client.delete(format!("{}{path}", self.base))).await.map(|(_, v)| v)
+        self.send(self.client.delete(format!("{}{path}", self.base)))
+            .await
+            .map(|(_, v)| v)
     }
 }

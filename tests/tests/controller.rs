@@ -41,7 +41,11 @@ fn controller_checks_stages_two_agents_which_stay_staged_across_restarts() {
     b.start();
 
     let out = ctl(&world, &[&a, &b], &["--json", "check", "--image", image]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = json_of(&out);
     for agent in [&a, &b] {
         assert_eq!(report[agent.addr()]["status"], "non_compliant", "{report}");
@@ -49,9 +53,17 @@ fn controller_checks_stages_two_agents_which_stay_staged_across_restarts() {
         assert_eq!(report[agent.addr()]["impact"], "reboot");
     }
 
-    let out = ctl(&world, &[&a, &b], &["stage", "--image", image, "--depot", &url, "--wait"]);
+    let out = ctl(
+        &world,
+        &[&a, &b],
+        &["stage", "--image", image, "--depot", &url, "--wait"],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(text.matches("succeeded").count(), 2, "{text}");
 
     let out = ctl(&world, &[&a, &b], &["--json", "status"]);
@@ -75,8 +87,18 @@ fn controller_checks_stages_two_agents_which_stay_staged_across_restarts() {
     }
 
     world.depot.clear_log();
-    let out = ctl(&world, &[&a, &b], &["--json", "stage", "--image", image, "--depot", &url, "--wait"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ctl(
+        &world,
+        &[&a, &b],
+        &[
+            "--json", "stage", "--image", image, "--depot", &url, "--wait",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(world.depot.bytes_served(), 0, "nothing downloaded again");
     let tasks = json_of(&out);
     for agent in [&a, &b] {
@@ -85,9 +107,16 @@ fn controller_checks_stages_two_agents_which_stay_staged_across_restarts() {
 
     // `staged` and `staged rm` through the controller.
     let listed = json_of(&ctl(&world, &[&a], &["--json", "staged"]));
-    let digest = listed[a.addr()]["staged"][0]["image"]["digest"].as_str().expect("digest").to_owned();
+    let digest = listed[a.addr()]["staged"][0]["image"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
     let out = ctl(&world, &[&a], &["staged", "rm", &digest]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(a.blobs().is_empty());
     let out = ctl(&world, &[&a], &["staged", "rm", &digest]);
     assert_eq!(out.status.code(), Some(1), "deleting twice: not found");
@@ -104,9 +133,15 @@ fn exit_codes_follow_the_spec() {
     a.start();
 
     // Usage errors: 2.
-    let out = Command::new(vibstagectl()).args(["stage", "--image"]).output().expect("run");
+    let out = Command::new(vibstagectl())
+        .args(["stage", "--image"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(vibstagectl()).args(["--host", "x", "status"]).output().expect("run");
+    let out = Command::new(vibstagectl())
+        .args(["--host", "x", "status"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2), "--host without --tls-dir");
 
     // An unreachable host: 3 (the reachable one still answers).
@@ -133,8 +168,24 @@ fn exit_codes_follow_the_spec() {
 
     // The operation failing on the host: 1.
     std::fs::remove_file(world.depot_dir.join("vibs").join(&digests[0])).expect("rm");
-    let out = ctl(&world, &[&a], &["stage", "--image", image, "--depot", &world.depot.url(), "--wait"]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = ctl(
+        &world,
+        &[&a],
+        &[
+            "stage",
+            "--image",
+            image,
+            "--depot",
+            &world.depot.url(),
+            "--wait",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("depot_unreachable"));
 
     // The local socket works without any flag but --socket.
@@ -146,7 +197,10 @@ fn exit_codes_follow_the_spec() {
         .expect("run");
     assert!(out.status.success());
     let tasks = json_of(&out);
-    assert_eq!(tasks[a.socket.display().to_string()]["tasks"][0]["state"], "failed");
+    assert_eq!(
+        tasks[a.socket.display().to_string()]["tasks"][0]["state"],
+        "failed"
+    );
 }
 
 #[test]
@@ -164,18 +218,41 @@ fn remediate_rolls_out_one_host_at_a_time_and_stops_after_max_failures() {
     let mut good = world.agent("good", AgentOptions::default());
     bad.start();
     good.start();
-    let out = ctl(&world, &[&bad, &good], &["remediate", "--image", image, "--depot", &world.depot.url(), "--wait"]);
+    let out = ctl(
+        &world,
+        &[&bad, &good],
+        &[
+            "remediate",
+            "--image",
+            image,
+            "--depot",
+            &world.depot.url(),
+            "--wait",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("install_failed"), "{text}");
-    assert!(text.contains("skipped"), "the second host is not touched: {text}");
+    assert!(
+        text.contains("skipped"),
+        "the second host is not touched: {text}"
+    );
     assert!(good.status()["installed"]["image"].is_null());
 
     // With a higher budget the good host is remediated.
     let out = ctl(
         &world,
         &[&bad, &good],
-        &["remediate", "--image", image, "--depot", &world.depot.url(), "--wait", "--max-failures", "2"],
+        &[
+            "remediate",
+            "--image",
+            image,
+            "--depot",
+            &world.depot.url(),
+            "--wait",
+            "--max-failures",
+            "2",
+        ],
     );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(good.status()["compliance"]["status"], "compliant");

@@ -27,7 +27,13 @@ impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).expect("mount point");
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .expect("run mount");
@@ -41,7 +47,10 @@ impl Tmpfs {
             eprintln!("skipped: mounting a tmpfs needs root ({})", stderr.trim());
             return None;
         }
-        panic!("mount -t tmpfs on {} failed as root: {stderr}", dir.display());
+        panic!(
+            "mount -t tmpfs on {} failed as root: {stderr}",
+            dir.display()
+        );
     }
 
     /// Free bytes on the tmpfs.
@@ -99,7 +108,12 @@ fn image_larger_than_scratch_after_reserve_is_staged_into_the_volatile_path() {
     agent.start();
 
     let task = agent.stage_and_wait(&image, &world.depot.url());
-    assert_eq!(task["state"], "succeeded", "{task}\nlog:\n{}", agent.log_text());
+    assert_eq!(
+        task["state"],
+        "succeeded",
+        "{task}\nlog:\n{}",
+        agent.log_text()
+    );
     let volatile = volatile_of(&agent);
     let status = agent.status();
     assert_eq!(status["staging"]["state"], "staged", "{status}");
@@ -151,7 +165,11 @@ fn image_larger_than_scratch_without_a_volatile_path_is_insufficient_space() {
     };
     assert_eq!(error["code"], "insufficient_space", "{}", r.body);
     assert_eq!(agent.blobs(), vec![], "nothing under blobs/");
-    assert_eq!(ingest_files(&agent.scratch), Vec::<String>::new(), "nothing under ingest/");
+    assert_eq!(
+        ingest_files(&agent.scratch),
+        Vec::<String>::new(),
+        "nothing under ingest/"
+    );
     assert_eq!(world.depot.bytes_served(), 0, "nothing was downloaded");
     let staged = agent.request("GET", "/v1/staged", None).json;
     assert_eq!(staged["staged"], serde_json::json!([]), "{staged}");
@@ -205,17 +223,29 @@ fn disk_filling_up_mid_download_is_insufficient_space_and_keeps_earlier_staged_c
     let r = agent.stage(&second, &world.depot.url());
     assert_eq!(r.status, 202, "{}", r.body);
     let id = r.json["task"]["id"].as_str().expect("task id").to_owned();
-    let partial = agent.scratch.join("ingest").join(format!("{big_hex}.partial"));
+    let partial = agent
+        .scratch
+        .join("ingest")
+        .join(format!("{big_hex}.partial"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !partial.exists() {
         assert!(Instant::now() < deadline, "the download never started");
         std::thread::sleep(Duration::from_millis(5));
     }
     fill(&tmpfs.dir.join("filler"));
-    assert!(tmpfs.free() < MIB as u64, "{} bytes still free", tmpfs.free());
+    assert!(
+        tmpfs.free() < MIB as u64,
+        "{} bytes still free",
+        tmpfs.free()
+    );
 
     let task = agent.wait_task(&id, 60);
-    assert_eq!(task["state"], "failed", "{task}\nlog:\n{}", agent.log_text());
+    assert_eq!(
+        task["state"],
+        "failed",
+        "{task}\nlog:\n{}",
+        agent.log_text()
+    );
     assert_eq!(task["error"]["code"], "insufficient_space", "{task}");
     let ingest = ingest_files(&agent.scratch);
     assert!(
@@ -225,7 +255,11 @@ fn disk_filling_up_mid_download_is_insufficient_space_and_keeps_earlier_staged_c
     // The earlier image is intact and still listed.
     assert_eq!(agent.blobs(), vec![(first_hex.clone(), true)]);
     let staged = agent.request("GET", "/v1/staged", None).json;
-    let listed: Vec<&Value> = staged["staged"].as_array().expect("staged").iter().collect();
+    let listed: Vec<&Value> = staged["staged"]
+        .as_array()
+        .expect("staged")
+        .iter()
+        .collect();
     assert_eq!(listed.len(), 1, "{staged}");
     assert_eq!(listed[0]["image"]["digest"], first_digest, "{staged}");
     assert_eq!(listed[0]["state"], "staged", "{staged}");

@@ -77,7 +77,11 @@ struct Outcome {
 }
 
 fn ok(line: String, json: Value) -> Outcome {
-    Outcome { line, json, failed: false }
+    Outcome {
+        line,
+        json,
+        failed: false,
+    }
 }
 
 fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
@@ -93,18 +97,28 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
     }
     let setup = |e: ClientError| CliError::Usage(e.to_string());
     if hosts.is_empty() {
-        let socket = ctx.target.socket.clone().unwrap_or_else(|| super::DEFAULT_SOCKET.into());
+        let socket = ctx
+            .target
+            .socket
+            .clone()
+            .unwrap_or_else(|| super::DEFAULT_SOCKET.into());
         return Ok(vec![AgentClient::local(&socket).map_err(setup)?]);
     }
     let Some(tls_dir) = &ctx.target.tls_dir else {
-        return Err(CliError::Usage("--host/--hosts need --tls-dir DIR (ca.pem, client.pem, client.key)".into()));
+        return Err(CliError::Usage(
+            "--host/--hosts need --tls-dir DIR (ca.pem, client.pem, client.key)".into(),
+        ));
     };
-    hosts.iter().map(|h| AgentClient::remote(h, tls_dir).map_err(setup)).collect()
+    hosts
+        .iter()
+        .map(|h| AgentClient::remote(h, tls_dir).map_err(setup))
+        .collect()
 }
 
 fn read_image(path: &PathBuf) -> Result<Envelope, CliError> {
     let text = super::read_config_text("image", path)?;
-    serde_json::from_str(&text).map_err(|e| CliError::config("image", path, format!("not a signed image envelope: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::config("image", path, format!("not a signed image envelope: {e}")))
 }
 
 /// Runs `op` on every target with at most `parallel` at once; `max_failures` stops starting new
@@ -128,7 +142,8 @@ where
         .or(default_parallel)
         .unwrap_or(clients.len())
         .max(1);
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| CliError::io("start", "the async runtime", e))?;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| CliError::io("start", "the async runtime", e))?;
     let bars = (std::io::stdout().is_terminal() && !ctx.json).then(MultiProgress::new);
     let results = runtime.block_on(async {
         let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
@@ -140,9 +155,11 @@ where
             let bar = bars.as_ref().map(|m| {
                 let bar = m.add(ProgressBar::new(0));
                 bar.set_style(
-                    ProgressStyle::with_template("{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
                 );
                 bar.set_prefix(client.name.clone());
                 bar
@@ -183,9 +200,15 @@ where
         match result {
             None => {
                 failed = true;
-                report.insert(name.clone(), json!({"skipped": "rollout stopped after too many failures"}));
+                report.insert(
+                    name.clone(),
+                    json!({"skipped": "rollout stopped after too many failures"}),
+                );
                 if !ctx.json {
-                    emit(out, format!("{name}: skipped (rollout stopped after too many failures)"))?;
+                    emit(
+                        out,
+                        format!("{name}: skipped (rollout stopped after too many failures)"),
+                    )?;
                 }
             }
             Some(Ok(o)) => {
@@ -199,7 +222,9 @@ where
                 refused |= e.is_refusal();
                 failed = true;
                 let (code, message) = match &e {
-                    ClientError::Api { detail, .. } => (detail.code.as_str().to_owned(), detail.message.clone()),
+                    ClientError::Api { detail, .. } => {
+                        (detail.code.as_str().to_owned(), detail.message.clone())
+                    }
                     ClientError::Unreachable(m) => ("unreachable".into(), m.clone()),
                     ClientError::Setup(m) => ("setup".into(), m.clone()),
                 };
@@ -246,9 +271,14 @@ pub fn status(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
             s.staging.persistent,
             s.staging.bytes,
             s.maintenance.active,
-            s.installed.image.as_ref().map_or("none".into(), |i| format!("{}#{}", i.name, i.serial)),
+            s.installed
+                .image
+                .as_ref()
+                .map_or("none".into(), |i| format!("{}#{}", i.name, i.serial)),
             s.scratch.free_bytes,
-            s.running_task.as_ref().map_or(String::new(), |t| format!(" task={t}")),
+            s.running_task
+                .as_ref()
+                .map_or(String::new(), |t| format!(" task={t}")),
         );
         Ok(ok(line, to_json(&s)))
     })
@@ -260,12 +290,19 @@ pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), 
     fan_out(ctx, out, None, None, move |client, _| {
         let image = image.clone();
         async move {
-            let (_, r): (u16, vibstage_protocol::api::ComplianceReport) =
-                client.post("/v1/compliance/check", &json!({"image": *image})).await?;
+            let (_, r): (u16, vibstage_protocol::api::ComplianceReport) = client
+                .post("/v1/compliance/check", &json!({"image": *image}))
+                .await?;
             let changes: Vec<String> = r
                 .components
                 .iter()
-                .map(|c| format!("{} {}", c.component, to_json(&c.change).as_str().unwrap_or("?")))
+                .map(|c| {
+                    format!(
+                        "{} {}",
+                        c.component,
+                        to_json(&c.change).as_str().unwrap_or("?")
+                    )
+                })
                 .collect();
             let line = format!(
                 "{} impact={} {}",
@@ -278,7 +315,11 @@ pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), 
     })
 }
 
-async fn follow(client: &AgentClient, mut task: Task, bar: Option<&ProgressBar>) -> Result<Task, ClientError> {
+async fn follow(
+    client: &AgentClient,
+    mut task: Task,
+    bar: Option<&ProgressBar>,
+) -> Result<Task, ClientError> {
     while !task.state.is_final() {
         task = client.get(&format!("/v1/tasks/{}?wait=1", task.id)).await?;
         if let Some(bar) = bar {
@@ -293,7 +334,13 @@ async fn follow(client: &AgentClient, mut task: Task, bar: Option<&ProgressBar>)
 fn task_outcome(task: &Task) -> Outcome {
     let failed = task.state != vibstage_protocol::api::TaskState::Succeeded;
     let line = match &task.error {
-        Some(e) => format!("{} task {}: {}: {}", to_json(&task.state).as_str().unwrap_or("?"), task.id, e.code, e.message),
+        Some(e) => format!(
+            "{} task {}: {}: {}",
+            to_json(&task.state).as_str().unwrap_or("?"),
+            task.id,
+            e.code,
+            e.message
+        ),
         None => format!(
             "{} task {} ({} bytes, {} downloaded)",
             to_json(&task.state).as_str().unwrap_or("?"),
@@ -302,23 +349,45 @@ fn task_outcome(task: &Task) -> Outcome {
             task.bytes_downloaded
         ),
     };
-    Outcome { line, json: to_json(task), failed }
+    Outcome {
+        line,
+        json: to_json(task),
+        failed,
+    }
 }
 
 /// `stage` and `remediate`.
-pub fn lifecycle(remediate: bool, args: LifecycleArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
+pub fn lifecycle(
+    remediate: bool,
+    args: LifecycleArgs,
+    ctx: &Context,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let image = Arc::new(read_image(&args.image)?);
     let depot = Arc::new(args.depot);
     let wait = args.wait;
-    let path = if remediate { "/v1/remediate" } else { "/v1/stage" };
-    let (parallel, max_failures) = if remediate { (Some(1), Some(args.max_failures.max(1))) } else { (None, None) };
+    let path = if remediate {
+        "/v1/remediate"
+    } else {
+        "/v1/stage"
+    };
+    let (parallel, max_failures) = if remediate {
+        (Some(1), Some(args.max_failures.max(1)))
+    } else {
+        (None, None)
+    };
     fan_out(ctx, out, parallel, max_failures, move |client, bar| {
         let (image, depot) = (image.clone(), depot.clone());
         async move {
-            let (_, r): (u16, TaskResponse) = client.post(path, &json!({"image": *image, "depot": *depot})).await?;
+            let (_, r): (u16, TaskResponse) = client
+                .post(path, &json!({"image": *image, "depot": *depot}))
+                .await?;
             let Some(task) = r.task else {
                 let why: Vec<&str> = r.notifications.iter().map(|n| n.message.as_str()).collect();
-                return Ok(ok(format!("nothing to do: {}", why.join("; ")), to_json(&r)));
+                return Ok(ok(
+                    format!("nothing to do: {}", why.join("; ")),
+                    to_json(&r),
+                ));
             };
             if !wait {
                 return Ok(ok(format!("task {} started", task.id), to_json(&task)));
@@ -345,16 +414,25 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
                         s.image.serial,
                         to_json(&s.state).as_str().unwrap_or("?"),
                         s.bytes,
-                        if s.persistent { "persistent" } else { "volatile" }
+                        if s.persistent {
+                            "persistent"
+                        } else {
+                            "volatile"
+                        }
                     )
                 })
                 .collect();
-            let line = if items.is_empty() { "nothing staged".into() } else { items.join("; ") };
+            let line = if items.is_empty() {
+                "nothing staged".into()
+            } else {
+                items.join("; ")
+            };
             Ok(ok(line, to_json(&list)))
         }),
         Some(StagedCommand::Rm { digest }) => {
-            let digest: vibstage_protocol::ImageDigest =
-                digest.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+            let digest: vibstage_protocol::ImageDigest = digest
+                .parse()
+                .map_err(|e| CliError::Usage(format!("{e}")))?;
             fan_out(ctx, out, None, None, move |client, _| async move {
                 let v: Value = client.delete(&format!("/v1/staged/{digest}")).await?;
                 Ok(ok(format!("deleted {digest}"), v))
@@ -370,9 +448,19 @@ pub fn tasks(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
         let items: Vec<String> = list
             .tasks
             .iter()
-            .map(|t| format!("{} {} {}", t.id, to_json(&t.kind).as_str().unwrap_or("?"), to_json(&t.state).as_str().unwrap_or("?")))
+            .map(|t| {
+                format!(
+                    "{} {} {}",
+                    t.id,
+                    to_json(&t.kind).as_str().unwrap_or("?"),
+                    to_json(&t.state).as_str().unwrap_or("?")
+                )
+            })
             .collect();
-        Ok(ok(format!("{} task(s): {}", items.len(), items.join("; ")), to_json(&list)))
+        Ok(ok(
+            format!("{} task(s): {}", items.len(), items.join("; ")),
+            to_json(&list),
+        ))
     })
 }
 
@@ -383,7 +471,11 @@ pub fn task(args: TaskArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), Cl
         let id = id.clone();
         async move {
             let task: Task = client.get(&format!("/v1/tasks/{id}")).await?;
-            let task = if wait { follow(&client, task, bar.as_ref()).await? } else { task };
+            let task = if wait {
+                follow(&client, task, bar.as_ref()).await?
+            } else {
+                task
+            };
             Ok(task_outcome(&task))
         }
     })
