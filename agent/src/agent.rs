@@ -348,8 +348,12 @@ impl Agent {
                 tracing::error!(error = %e, "failed to save state after a task");
             }
             drop(state);
+            // The task ends and stops being the running one at the same moment (lock order:
+            // running, then tasks, as in `start`): a client that saw it succeed must not read a
+            // status still saying "staging", nor get 409 busy for its next request.
+            let mut running = lock(&agent.running);
             agent.tasks.finish(&task_id, outcome);
-            *lock(&agent.running) = None;
+            *running = None;
         });
     }
 

@@ -165,34 +165,15 @@ impl Agent {
             ));
         }
 
-        // R7: maintenance mode only now that staging is complete.
+        // R7: maintenance mode only now that staging is complete (and only once: a host left in
+        // maintenance mode by an interrupted remediation is already there).
         step("entering maintenance mode");
-        let timeout = Duration::from_secs(self.config.maintenance.timeout_secs);
-        let already = lock(&self.state).maintenance_active;
-        if !already {
-            let entered = run_command(
-                "maintenance.enter",
-                &self.config.maintenance.enter,
-                &[],
-                timeout,
-                ErrorCode::MaintenanceFailed,
-            )
-            .await;
-            if let Err(e) = entered {
-                // Undo whatever part of the entry happened.
-                let _ = run_command(
-                    "maintenance.exit",
-                    &self.config.maintenance.exit,
-                    &[],
-                    timeout,
-                    ErrorCode::MaintenanceFailed,
-                )
-                .await;
-                return Err(e);
-            }
-            let mut state = lock(&self.state);
-            state.maintenance_active = true;
-            self.save(&state)?;
+        if !lock(&self.state).maintenance_active
+            && let Err(e) = self.maintenance(true).await
+        {
+            // Undo whatever part of the entry happened.
+            let _ = self.maintenance(false).await;
+            return Err(e);
         }
 
         step("installing");
@@ -205,19 +186,7 @@ impl Agent {
         }
 
         step("exiting maintenance mode");
-        let exited = run_command(
-            "maintenance.exit",
-            &self.config.maintenance.exit,
-            &[],
-            timeout,
-            ErrorCode::MaintenanceFailed,
-        )
-        .await;
-        if exited.is_ok() {
-            let mut state = lock(&self.state);
-            state.maintenance_active = false;
-            self.save(&state)?;
-        }
+        let exited = self.maintenance(false).await;
         installed?;
         exited?;
 
@@ -228,6 +197,21 @@ impl Agent {
             .into_iter()
             .filter(|n| !n.code.starts_with("firmware_staging"))
             .collect())
+    }
+
+    /// Runs the `maintenance.enter` (or `exit`) command, then records the new mode.
+    async fn maintenance(&self, enter: bool) -> Result<(), AgentError> {
+        let m = &self.config.maintenance;
+        let (what, argv) = if enter {
+            ("maintenance.enter", &m.enter)
+        } else {
+            ("maintenance.exit", &m.exit)
+        };
+        let timeout = Duration::from_secs(m.timeout_secs);
+        run_command(what, argv, &[], timeout, ErrorCode::MaintenanceFailed).await?;
+        let mut state = lock(&self.state);
+        state.maintenance_active = enter;
+        self.save(&state)
     }
 
     async fn install(

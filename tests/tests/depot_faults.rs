@@ -227,6 +227,13 @@ fn range_ignored_by_the_depot_restarts_from_zero() {
     let progress = &task["progress"];
     assert_eq!(progress["bytes_done"], SIZE, "{task}");
     assert_eq!(progress["bytes_total"], SIZE, "{task}");
+    // The agent says so in its log.
+    let text = case.agent.log_text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("Range") && l.contains("starting over")),
+        "the restart is not in the agent's log:\n{text}"
+    );
 }
 
 #[test]
@@ -364,13 +371,24 @@ fn endless_body_is_size_mismatch() {
 #[test]
 fn redirect_from_https_to_http_is_refused() {
     let case = Case::new(2, 3);
-    let http = format!("http://{}{}", case.world.depot.addr(), case.path);
+    // A real plain-http depot serving the same files: an agent that followed the redirect would
+    // get the right bytes from it, so only a refusal makes this test pass.
+    let plain = Depot::start_http(&case.world.depot_dir);
+    let http = format!("{}{}", plain.url().trim_end_matches('/'), case.path);
     case.fault(Fault::RedirectTo(http), usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
+    assert_eq!(
+        plain.requests(),
+        vec![],
+        "the agent followed a redirect to plain http"
+    );
     // Nothing stored: at most an empty partial file kept for a later resume.
     let partial = std::fs::metadata(case.partial()).map_or(0, |m| m.len());
     assert_eq!(partial, 0, "bytes from a plain-http redirect were stored");
     let log = case.vib_requests();
-    assert!(log.iter().all(|r| r.status == 302), "{log:?}");
+    assert!(
+        !log.is_empty() && log.iter().all(|r| r.status == 302),
+        "{log:?}"
+    );
 }
