@@ -376,6 +376,7 @@ firmware_staging_vendors = {vendors}
             log: home.join("agent.log"),
             port,
             home,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -412,6 +413,8 @@ pub struct AgentProc {
     pub log: PathBuf,
     /// Its mTLS port on 127.0.0.1.
     pub port: u16,
+    /// Extra environment for the process (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -451,6 +454,7 @@ impl AgentProc {
             .arg("--config")
             .arg(&self.config)
             .env("VIBSTAGE_LOG", "info,vibstage=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -524,3 +524,35 @@ fn sighup_reloads_allow_lists_and_keeps_old_tls_when_new_files_are_broken() {
         agent.log_text()
     );
 }
+
+#[test]
+fn sd_notify_ready_watchdog_and_stopping_reach_the_notify_socket() {
+    let world = staged_world();
+    let mut agent = world.agent("esx-01", AgentOptions::default());
+    let path = world.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    agent.env = vec![
+        ("NOTIFY_SOCKET".into(), path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "400000".into()),
+    ];
+    agent.start();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = socket.recv(&mut buf).expect("notification");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let (status, _) = agent.terminate(Duration::from_secs(10));
+    assert!(status.success());
+    loop {
+        let n = socket.recv(&mut buf).expect("STOPPING");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+}
