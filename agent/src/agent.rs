@@ -509,6 +509,14 @@ impl Agent {
                 staging.software = SoftwareState::Failed;
             }
         }
+        if compliance.status == ComplianceStatus::Compliant && staging.state == StagingState::None {
+            // Nothing is needed, so everything needed is staged (R5, vacuously): a controller
+            // that gates remediation on `staged` sees a host it may remediate (a no-op).
+            staging.staged = true;
+            staging.software = SoftwareState::Staged;
+            staging.firmware = FirmwareState::NotApplicable;
+            staging.dpu = DpuState::NotApplicable;
+        }
         let space = stores.persistent.space()?;
         Ok(HostStatus {
             host_id: self.host_id.clone(),

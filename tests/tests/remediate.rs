@@ -97,6 +97,11 @@ fn full_remediation_orders_staging_enter_install_exit_and_ends_compliant() {
         task["image"]["digest"]
     );
     assert_eq!(status["installed"]["reboot_required"], true);
+    // Nothing is needed any more: nothing staged, nothing missing.
+    assert_eq!(status["staging"]["state"], "none", "{status}");
+    assert_eq!(status["staging"]["staged"], true);
+    assert_eq!(status["staging"]["software"], "staged");
+    assert_eq!(status["staging"]["bytes"], 0);
     let staged = agent.request("GET", "/v1/staged", None).json;
     assert_eq!(
         staged["staged"].as_array().map(Vec::len),
