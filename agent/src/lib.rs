@@ -11,6 +11,8 @@ pub mod client;
 pub mod compliance;
 pub mod config;
 pub mod daemon;
+pub mod daemon_args;
+pub mod depot_server;
 pub mod fetch;
 pub mod fsutil;
 pub mod metrics;

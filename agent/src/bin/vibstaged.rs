@@ -1,30 +1,10 @@
 //! `vibstaged`: the vibstage host agent. See `vibstage::daemon`.
 
-use std::path::PathBuf;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
-}
-
-/// vibstage host agent: stages verified VIBs on scratch and remediates on request.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    /// Configuration file.
-    #[arg(long, default_value = vibstage::config::DEFAULT_PATH)]
-    config: PathBuf,
-    /// Validate the configuration (and the files it names) and exit.
-    #[arg(long)]
-    check_config: bool,
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "plain")]
-    log_format: LogFormat,
-}
+use clap::Parser as _;
+use vibstage::daemon_args::{Args, LogFormat};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -40,8 +20,11 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIBSTAGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: under systemd stderr is the journal, and in files escape
+    // codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Plain => builder.init(),

@@ -315,7 +315,8 @@ pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), 
     })
 }
 
-async fn follow(
+/// Follows `task` until it ends, long-polling the agent, and moves `bar` along.
+pub(crate) async fn follow(
     client: &AgentClient,
     mut task: Task,
     bar: Option<&ProgressBar>,

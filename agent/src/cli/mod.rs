@@ -11,7 +11,9 @@
 //! (stdout in the binary), warnings and errors to stderr, so tests can call them in-process.
 
 pub mod certs;
+pub mod demo;
 pub mod depot;
+pub mod docs;
 pub mod hosts;
 pub mod image;
 pub mod keygen;
@@ -106,6 +108,12 @@ pub enum Command {
     Tasks,
     /// Show one task (`--wait` until it ends).
     Task(hosts::TaskArgs),
+    /// The whole flow on this machine: keys, certs, depot, an agent process, stage, restart,
+    /// remediate.
+    Demo(demo::Args),
+    /// Write the man pages and shell completions of vibstagectl and vibstaged (packaging).
+    #[command(hide = true)]
+    GenerateDocs(docs::Args),
 }
 
 /// What every subcommand may consult besides its own arguments.
@@ -241,6 +249,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Staged(args) => hosts::staged(args, &ctx, out),
         Command::Tasks => hosts::tasks(&ctx, out),
         Command::Task(args) => hosts::task(args, &ctx, out),
+        Command::Demo(args) => demo::run(args, &ctx, out),
+        Command::GenerateDocs(args) => docs::run(args, &ctx, out),
     }
 }
 

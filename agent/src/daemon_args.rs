@@ -1,0 +1,51 @@
+//! The command line of `vibstaged` (SPEC §3), in the library so that its man page and shell
+//! completions are generated from the same definition the binary parses (`vibstagectl
+//! generate-docs`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Format of the log lines on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// vibstage host agent: stages verified VIBs on scratch and remediates on request.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vibstaged",
+    version,
+    long_about = "vibstage host agent: stages verified VIBs on scratch and remediates on \
+                  request.\n\n\
+                  Runs in the foreground and logs to stderr; VIBSTAGE_LOG sets the filter \
+                  (default \"info\"). SIGTERM or SIGINT stop it within 10 s with its state \
+                  persisted; SIGHUP reloads the trust store, the TLS certificates and the \
+                  allow-lists. Speaks sd_notify READY/STOPPING/WATCHDOG under systemd."
+)]
+pub struct Args {
+    /// Configuration file.
+    #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Validate the configuration (and the files it names) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn grammar_is_consistent() {
+        Args::command().debug_assert();
+    }
+}
