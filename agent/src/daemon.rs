@@ -108,14 +108,14 @@ fn host_id(config: &Config) -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn open_store(path: &Path) -> Result<Store, DaemonError> {
+fn open_store(path: &Path, scrub: bool) -> Result<Store, DaemonError> {
     let (store, fixed) =
         Store::open(path).map_err(|e| DaemonError::runtime("cannot open the staging store", e))?;
     for f in fixed {
         tracing::warn!(fix = %f, "tightened permissions");
     }
     let rec = store
-        .recover(false, MAX_PARTIAL_AGE)
+        .recover(scrub, MAX_PARTIAL_AGE)
         .map_err(|e| DaemonError::runtime("cannot recover the staging store", e))?;
     tracing::info!(
         store = %path.display(),
@@ -127,6 +127,9 @@ fn open_store(path: &Path) -> Result<Store, DaemonError> {
     );
     for f in rec.fixed {
         tracing::warn!(fix = %f, "tightened permissions");
+    }
+    for digest in &rec.blobs_removed {
+        tracing::warn!(blob = %digest, store = %path.display(), "removed a blob whose bytes were wrong");
     }
     Ok(store)
 }
@@ -159,13 +162,16 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config_path: PathBuf) -> Result<(), DaemonError> {
+pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
     let config = check_config(&config_path)?;
     let mut fixed = Vec::new();
     fsutil::ensure_private_dir(&config.agent.state_dir, &mut fixed)
         .map_err(|e| DaemonError::runtime("cannot prepare agent.state_dir", e))?;
-    let persistent = open_store(&config.scratch.path)?;
-    let volatile = config.volatile_path().map(open_store).transpose()?;
+    let persistent = open_store(&config.scratch.path, scrub)?;
+    let volatile = config
+        .volatile_path()
+        .map(|p| open_store(p, scrub))
+        .transpose()?;
     let stores = Arc::new(Stores {
         persistent,
         volatile,

@@ -37,6 +37,10 @@ pub struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// At start, re-hash every staged blob and remove any whose bytes are wrong (sizes are
+    /// always checked; a full scrub reads all staged content).
+    #[arg(long)]
+    pub scrub: bool,
 }
 
 #[cfg(test)]

@@ -377,6 +377,7 @@ firmware_staging_vendors = {vendors}
             port,
             home,
             env: Vec::new(),
+            args: Vec::new(),
             child: None,
         }
     }
@@ -415,6 +416,8 @@ pub struct AgentProc {
     pub port: u16,
     /// Extra environment for the process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments (e.g. `--scrub`).
+    pub args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -453,6 +456,7 @@ impl AgentProc {
         let child = Command::new(crate::vibstaged())
             .arg("--config")
             .arg(&self.config)
+            .args(&self.args)
             .env("VIBSTAGE_LOG", "info,vibstage=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

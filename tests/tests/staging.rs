@@ -62,3 +62,48 @@ fn stages_bytes_equal_to_the_depot_with_root_only_modes_and_restaging_downloads_
         world.depot.requests()
     );
 }
+
+#[test]
+fn scrub_at_start_removes_a_blob_with_wrong_bytes_and_restaging_fetches_only_it() {
+    let world = World::new();
+    let digests = world.add_vibs(&[
+        VibFile::software("esx-base", 500_000),
+        VibFile::software("esx-ui", 300_000),
+    ]);
+    let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    let mut agent = world.agent("esx-01", AgentOptions::default());
+    agent.start();
+    assert_eq!(
+        agent.stage_and_wait(&image, &world.depot.url())["state"],
+        "succeeded"
+    );
+    agent.kill9();
+
+    // Bit rot: same size, one byte different. Without --scrub only sizes are checked.
+    let victim = agent.scratch.join("blobs/sha256").join(&digests[0]);
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    bytes[1234] ^= 0xff;
+    std::fs::write(&victim, bytes).expect("write");
+    agent.args = vec!["--scrub".into()];
+    agent.start();
+    assert!(!victim.exists(), "scrub removed the corrupt blob");
+    assert!(agent.blobs().iter().all(|(_, ok)| *ok));
+    let status = agent.status();
+    assert_eq!(status["staging"]["state"], "partial", "{status}");
+    assert_eq!(status["staging"]["staged"], false);
+    assert!(
+        agent
+            .log_text()
+            .contains("removed a blob whose bytes were wrong")
+    );
+
+    world.depot.clear_log();
+    assert_eq!(
+        agent.stage_and_wait(&image, &world.depot.url())["state"],
+        "succeeded"
+    );
+    let requests = world.depot.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].path, vibstage_e2e::Depot::vib_path(&digests[0]));
+}

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(vibstage::daemon::run(args.config)) {
+    match runtime.block_on(vibstage::daemon::run(args.config, args.scrub)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ vibstage::daemon::DaemonError::Config(_)) => {
             tracing::error!("{e}");
