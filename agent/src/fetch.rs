@@ -189,19 +189,21 @@ impl Fetcher {
                 url: depot.to_string(),
                 reason: e.to_string(),
             })?;
-        let mut ingest = store.ingest(digest, size)?;
+        // Reopening re-hashes what a partial file holds and committing fsyncs: both may take a
+        // while on a slow disk, so they leave the async worker free for other work meanwhile.
+        let mut ingest = blocking(|| store.ingest(digest, size))?;
         progress(ingest.offset());
         let mut attempt = 0;
         loop {
             let err = match self.attempt(&url, &mut ingest, progress).await {
-                Ok(()) => match store.commit(ingest) {
+                Ok(()) => match blocking(|| store.commit(ingest)) {
                     Ok(c) => {
                         self.stats.downloads.fetch_add(1, Ordering::Relaxed);
                         return Ok(c);
                     }
                     Err(e) => {
                         // The partial file is gone; the next attempt starts from zero.
-                        ingest = store.ingest(digest, size)?;
+                        ingest = blocking(|| store.ingest(digest, size))?;
                         progress(0);
                         FetchError::Store(e)
                     }
@@ -362,6 +364,16 @@ impl Fetcher {
             ));
         }
         Ok(())
+    }
+}
+
+/// Runs blocking file work without stalling the other tasks of a multi-threaded runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
