@@ -21,6 +21,11 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one answered request.
     pub fn request(&self, method: &str, route: &str, status: u16) {
+        // Clients choose the method token: keep the label set bounded.
+        let method = match method {
+            "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS" => method,
+            _ => "other",
+        };
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry((method.to_owned(), route.to_owned(), status))
             .or_insert(0) += 1;
