@@ -49,6 +49,20 @@ fn json_body<T: DeserializeOwned>(
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid request body: {e}")))
 }
 
+/// Runs signature verification (one ed25519 check per descriptor, up to the body limit) and the
+/// state writes that follow on the blocking pool, so a large image never stalls other requests.
+async fn off_worker<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::agent::AgentError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!("request task failed: {e}"),
+        )),
+    }
+}
+
 pub async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
     Ok(Json(s.agent.status()?).into_response())
 }
@@ -59,7 +73,9 @@ pub async fn check(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CheckRequest = json_body(&headers, body)?;
-    Ok(Json(s.agent.check(&req.image)?).into_response())
+    let agent = s.agent.clone();
+    let report = off_worker(move || agent.check(&req.image)).await?;
+    Ok(Json(report).into_response())
 }
 
 fn started(result: Started) -> Response {
@@ -86,7 +102,10 @@ pub async fn stage(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: StageRequest = json_body(&headers, body)?;
-    Ok(started(s.agent.stage(req.image, req.depot)?))
+    let agent = s.agent.clone();
+    Ok(started(
+        off_worker(move || agent.stage(req.image, req.depot)).await?,
+    ))
 }
 
 pub async fn remediate(
@@ -95,7 +114,10 @@ pub async fn remediate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: StageRequest = json_body(&headers, body)?;
-    Ok(started(s.agent.remediate(req.image, req.depot)?))
+    let agent = s.agent.clone();
+    Ok(started(
+        off_worker(move || agent.remediate(req.image, req.depot)).await?,
+    ))
 }
 
 pub async fn tasks(State(s): State<ApiState>) -> Response {
