@@ -253,7 +253,11 @@ impl Agent {
             let report = self.evaluate(&image, &state);
             state.compliance = Some(report.clone());
             match report.status {
-                ComplianceStatus::Compliant => {
+                // A remediation cut short after installing this image, before leaving
+                // maintenance mode, still has work to do: it falls through and finishes.
+                ComplianceStatus::Compliant
+                    if !(kind == TaskKind::Remediate && state.maintenance_active) =>
+                {
                     self.save(&state)?;
                     return Ok(Started::NothingToDo(vec![Notification {
                         code: "already_compliant".into(),
@@ -517,7 +521,16 @@ impl Agent {
             staging.firmware = FirmwareState::NotApplicable;
             staging.dpu = DpuState::NotApplicable;
         }
-        let space = stores.persistent.space()?;
+        // Status must answer even when scratch is gone or unreadable: it is how the operator
+        // finds out.
+        let space = stores.persistent.space().unwrap_or_else(|e| {
+            notifications.push(Notification {
+                code: "scratch_unavailable".into(),
+                message: e.to_string(),
+                retriable: true,
+            });
+            crate::store::Space { total: 0, free: 0 }
+        });
         Ok(HostStatus {
             host_id: self.host_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -218,6 +218,32 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
             tracing::error!(error = %e, "cannot read bootbank/current; keeping the recorded installed image")
         }
     }
+    // Rollback protection is rebuilt from disk too: whatever is staged or installed was accepted.
+    let mut accepted: Vec<vibstage_protocol::api::ImageRef> = Vec::new();
+    for (store, _) in stager.stores().all() {
+        let records = store
+            .records(&mut Vec::new())
+            .map_err(|e| DaemonError::runtime("cannot read staged image records", e))?;
+        accepted.extend(records.into_iter().map(|r| r.image));
+    }
+    accepted.extend(state.installed.as_ref().map(|i| i.image.clone()));
+    if state.remember_serials(&accepted) {
+        tracing::warn!("rollback serials raised to those of staged and installed images");
+        state_file
+            .save(&state)
+            .map_err(|e| DaemonError::runtime("cannot save agent state", e))?;
+    }
+    // Staged content of the installed image is left over from a remediation killed between
+    // its install and its clean-up: remove it, as that remediation would have.
+    if let Some(installed) = &state.installed {
+        let removed = stager
+            .stores()
+            .remove(&installed.image.digest)
+            .map_err(|e| DaemonError::runtime("cannot remove staged content", e))?;
+        if removed {
+            tracing::info!(image = %installed.image.digest, "removed the installed image's staged content");
+        }
+    }
     let (tasks, interrupted, warning) = Tasks::load(&config.agent.state_dir)
         .map_err(|e| DaemonError::runtime("cannot load the task list", e))?;
     if let Some(w) = warning {
@@ -241,6 +267,10 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
         agent: agent.clone(),
         access: access.clone(),
     });
+
+    // Before any listener serves: a request arriving at start-up must see the resumed task as
+    // running (and join it or get `busy`), never start a second lifecycle operation beside it.
+    agent.resume_interrupted(interrupted);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
@@ -269,7 +299,6 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
             shutdown_rx.clone(),
         ));
     }
-    agent.resume_interrupted(interrupted);
 
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| DaemonError::runtime("cannot install signal handlers", e))?;

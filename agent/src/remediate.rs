@@ -129,6 +129,22 @@ impl Agent {
             tracing::info!(task = task_id, step = s, "remediation");
             self.tasks.update(task_id, |t| t.step = Some(s.to_owned()));
         };
+        // An earlier remediation installed this image and was cut short (the agent killed)
+        // before it left maintenance mode: only its last steps remain.
+        let finishing = {
+            let state = lock(&self.state);
+            state.maintenance_active
+                && state
+                    .installed
+                    .as_ref()
+                    .is_some_and(|i| i.image.digest == image.digest)
+        };
+        if finishing {
+            step("exiting maintenance mode");
+            self.maintenance(false).await?;
+            self.stager.stores().remove(&image.digest)?;
+            return Ok(Vec::new());
+        }
         let (installed_vibs, impact) = {
             let state = lock(&self.state);
             (state.installed_vibs(), self.evaluate(image, &state).impact)

@@ -306,6 +306,9 @@ impl Stager {
         progress: &StageProgress,
     ) -> Result<StageOutcome, StageError> {
         let depot = self.fetcher.depot_url(depot).map_err(StageError::Depot)?;
+        for (store, _) in self.stores.all() {
+            store.ensure_layout()?;
+        }
         let plan = plan(image, installed, host);
         let mut wanted: BTreeMap<Digest, &VibDescriptor> = BTreeMap::new();
         for (d, disposition) in &plan {

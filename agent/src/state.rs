@@ -43,6 +43,21 @@ pub struct State {
 }
 
 impl State {
+    /// Raises the rollback serials to at least those of `images` (staged or installed images,
+    /// which were accepted), so that rollback protection survives a lost or corrupt state file.
+    /// Returns whether anything changed.
+    pub fn remember_serials<'a>(&mut self, images: impl IntoIterator<Item = &'a ImageRef>) -> bool {
+        let mut changed = false;
+        for image in images {
+            let serial = self.serials.entry(image.name.clone()).or_insert(0);
+            if *serial < image.serial {
+                *serial = image.serial;
+                changed = true;
+            }
+        }
+        changed
+    }
+
     /// The installed VIB digests (empty when nothing is installed).
     pub fn installed_vibs(&self) -> BTreeSet<Digest> {
         self.installed

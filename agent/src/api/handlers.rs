@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, header};
@@ -19,20 +18,47 @@ use crate::agent::Started;
 /// Longest long-poll accepted.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
-/// Parses a JSON request body strictly, with errors in the API's error body.
-fn json_body<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body is larger than {} bytes", super::BODY_LIMIT)
-        } else {
-            format!("failed to read request body: {e}")
-        };
-        ApiError::with_status(status, ErrorCode::BadRequest, message)
-    })?;
+/// Time allowed for a whole request body to arrive. The HTTP layer bounds the time for the
+/// head only; a body trickled byte by byte would otherwise hold its connection (and one of the
+/// listener's connection slots) for ever.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads (within [`BODY_TIMEOUT`] and [`super::BODY_LIMIT`]) and parses a JSON request body
+/// strictly, with errors in the API's error body.
+async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, super::BODY_LIMIT));
+    let body = match read.await {
+        Err(_) => {
+            return Err(ApiError::with_status(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                format!(
+                    "request body not received within {}s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            return Err(
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    ApiError::with_status(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        ErrorCode::BadRequest,
+                        format!("request body is larger than {} bytes", super::BODY_LIMIT),
+                    )
+                } else {
+                    ApiError::new(
+                        ErrorCode::BadRequest,
+                        format!("failed to read request body: {e}"),
+                    )
+                },
+            );
+        }
+        Ok(Ok(bytes)) => bytes,
+    };
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -70,9 +96,9 @@ pub async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
 pub async fn check(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let req: CheckRequest = json_body(&headers, body)?;
+    let req: CheckRequest = json_body(&headers, body).await?;
     let agent = s.agent.clone();
     let report = off_worker(move || agent.check(&req.image)).await?;
     Ok(Json(report).into_response())
@@ -99,9 +125,9 @@ fn started(result: Started) -> Response {
 pub async fn stage(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let req: StageRequest = json_body(&headers, body)?;
+    let req: StageRequest = json_body(&headers, body).await?;
     let agent = s.agent.clone();
     Ok(started(
         off_worker(move || agent.stage(req.image, req.depot)).await?,
@@ -111,9 +137,9 @@ pub async fn stage(
 pub async fn remediate(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let req: StageRequest = json_body(&headers, body)?;
+    let req: StageRequest = json_body(&headers, body).await?;
     let agent = s.agent.clone();
     Ok(started(
         off_worker(move || agent.remediate(req.image, req.depot)).await?,

@@ -2,7 +2,7 @@
 //!
 //! Every answer that is not 2xx carries the error body `{"error": {"code", "message"}}`, also
 //! for unknown routes, wrong methods, oversized or malformed bodies. Who may do what is decided
-//! once, in [`authorize`], from the [`Peer`] the listener attached to the request.
+//! once, in the `authorize` middleware, from the [`Peer`] the listener attached to the request.
 
 mod error;
 mod handlers;
