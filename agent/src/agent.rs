@@ -203,21 +203,9 @@ impl Agent {
         Ok(report)
     }
 
-    /// `POST /v1/stage`: verifies, applies R12, and starts (or joins) the staging task.
-    pub fn stage(self: &Arc<Self>, env: Envelope, depot: String) -> Result<Started, AgentError> {
-        self.start(TaskKind::Stage, env, depot)
-    }
-
-    /// `POST /v1/remediate`: verifies and starts (or joins) the remediation task.
-    pub fn remediate(
-        self: &Arc<Self>,
-        env: Envelope,
-        depot: String,
-    ) -> Result<Started, AgentError> {
-        self.start(TaskKind::Remediate, env, depot)
-    }
-
-    fn start(
+    /// `POST /v1/stage` (`kind` = stage) and `POST /v1/remediate` (`kind` = remediate):
+    /// verifies the image, applies R12, and starts (or joins) the task.
+    pub fn start(
         self: &Arc<Self>,
         kind: TaskKind,
         env: Envelope,

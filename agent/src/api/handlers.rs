@@ -10,7 +10,9 @@ use http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use vibstage_protocol::ErrorCode;
-use vibstage_protocol::api::{CheckRequest, StageRequest, StagedList, TaskList, TaskResponse};
+use vibstage_protocol::api::{
+    CheckRequest, StageRequest, StagedList, TaskKind, TaskList, TaskResponse,
+};
 
 use super::{ApiError, ApiState};
 use crate::agent::Started;
@@ -122,16 +124,26 @@ fn started(result: Started) -> Response {
     }
 }
 
+/// `POST /v1/stage` and `POST /v1/remediate`: the same body, a different kind of task.
+async fn lifecycle(
+    s: ApiState,
+    headers: HeaderMap,
+    body: Body,
+    kind: TaskKind,
+) -> Result<Response, ApiError> {
+    let req: StageRequest = json_body(&headers, body).await?;
+    let agent = s.agent.clone();
+    Ok(started(
+        off_worker(move || agent.start(kind, req.image, req.depot)).await?,
+    ))
+}
+
 pub async fn stage(
     State(s): State<ApiState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: StageRequest = json_body(&headers, body).await?;
-    let agent = s.agent.clone();
-    Ok(started(
-        off_worker(move || agent.stage(req.image, req.depot)).await?,
-    ))
+    lifecycle(s, headers, body, TaskKind::Stage).await
 }
 
 pub async fn remediate(
@@ -139,11 +151,7 @@ pub async fn remediate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: StageRequest = json_body(&headers, body).await?;
-    let agent = s.agent.clone();
-    Ok(started(
-        off_worker(move || agent.remediate(req.image, req.depot)).await?,
-    ))
+    lifecycle(s, headers, body, TaskKind::Remediate).await
 }
 
 pub async fn tasks(State(s): State<ApiState>) -> Response {
