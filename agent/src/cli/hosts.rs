@@ -150,18 +150,24 @@ where
         let failures = Arc::new(AtomicUsize::new(0));
         let op = Arc::new(op);
         let mut handles = Vec::new();
+        // With several hosts, a total bar sums the hosts' bars (finished ones keep their counts).
+        let total = bars.as_ref().filter(|_| clients.len() > 1).map(|m| {
+            let total = m.add(ProgressBar::new(0));
+            total.set_style(bar_style());
+            total.set_prefix("total");
+            total
+        });
+        let mut host_bars = Vec::new();
         for client in clients {
             let (failures, op) = (failures.clone(), op.clone());
             let bar = bars.as_ref().map(|m| {
-                let bar = m.add(ProgressBar::new(0));
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                );
+                let bar = match &total {
+                    Some(total) => m.insert_before(total, ProgressBar::new(0)),
+                    None => m.add(ProgressBar::new(0)),
+                };
+                bar.set_style(bar_style());
                 bar.set_prefix(client.name.clone());
+                host_bars.push(bar.clone());
                 bar
             });
             // Taking the permit here, in target order, makes `--parallel 1` go host by host in
@@ -185,11 +191,26 @@ where
                 (name, Some(result))
             }));
         }
+        let ticker = total.clone().map(|total| {
+            tokio::spawn(async move {
+                loop {
+                    total.set_length(host_bars.iter().filter_map(ProgressBar::length).sum());
+                    total.set_position(host_bars.iter().map(ProgressBar::position).sum());
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            })
+        });
         let mut results = Vec::new();
         for h in handles {
             if let Ok(r) = h.await {
                 results.push(r);
             }
+        }
+        if let Some(ticker) = ticker {
+            ticker.abort();
+        }
+        if let Some(total) = total {
+            total.finish_and_clear();
         }
         results
     });
@@ -251,6 +272,12 @@ where
     } else {
         Ok(())
     }
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
