@@ -1,8 +1,6 @@
 //! The agent: verified operations over the store, the state and the task list. The API calls
 //! these methods; they know nothing of HTTP.
 
-use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use time::OffsetDateTime;
@@ -550,11 +548,6 @@ impl Agent {
             .unwrap_or(0)
     }
 
-    /// Where the agent keeps its state.
-    pub fn state_dir(&self) -> &Path {
-        &self.config.agent.state_dir
-    }
-
     /// Tasks by kind and state (for metrics).
     pub fn task_counts(&self) -> std::collections::HashMap<(TaskKind, TaskState), u64> {
         let mut counts = std::collections::HashMap::new();
@@ -562,10 +555,5 @@ impl Agent {
             *counts.entry((t.kind, t.state)).or_insert(0) += 1;
         }
         counts
-    }
-
-    /// Digests of blobs the installed image uses.
-    pub fn installed_vibs(&self) -> BTreeSet<vibstage_protocol::Digest> {
-        lock(&self.state).installed_vibs()
     }
 }

@@ -212,17 +212,6 @@ impl Tasks {
             .collect()
     }
 
-    /// The last finished lifecycle task for an image, if any.
-    pub fn last_for(&self, digest: &vibstage_protocol::ImageDigest) -> Option<Task> {
-        self.lock()
-            .iter()
-            .find(|e| {
-                e.task.kind != TaskKind::Check
-                    && e.task.image.as_ref().is_some_and(|i| i.digest == *digest)
-            })
-            .map(|e| e.task.clone())
-    }
-
     /// Waits until the task ends or `wait` passes; returns it.
     pub async fn wait(&self, id: &str, wait: Duration) -> Option<Task> {
         let mut rx = self.changed.subscribe();
