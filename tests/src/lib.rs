@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod bin;
 pub mod depot;
+pub mod fault_case;
 pub mod pki;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};

@@ -6,150 +6,14 @@
 //! Whatever happens, no file under `blobs/` ever holds wrong bytes, and a VIB that failed has no
 //! blob at all (SPEC §2 "exactly `size` bytes … and their sha256 matches", §7, R11).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
-use vibstage_e2e::{AgentOptions, AgentProc, Depot, Fault, RequestLog, VibFile, World};
-use vibstage_protocol::Envelope;
-
-/// Size of the VIB: several 64 KiB chunks, not a multiple of the chunk size.
-const SIZE: u64 = 1_000_003;
-
-/// One world with one software VIB in its depot, an image of it and a running agent.
-struct Case {
-    world: World,
-    agent: AgentProc,
-    image: Envelope,
-    /// sha256 hex of the VIB.
-    hex: String,
-    /// `/vibs/<hex>`.
-    path: String,
-}
-
-impl Case {
-    /// A case whose agent gives up on a stall after `timeout_secs` and retries `retries` times.
-    fn new(timeout_secs: u64, retries: u32) -> Case {
-        let world = World::new();
-        let hex = world
-            .add_vibs(&[VibFile::software("esx-base", SIZE as usize)])
-            .remove(0);
-        let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
-        let mut agent = world.agent(
-            "esx-01",
-            AgentOptions {
-                timeout_secs: Some(timeout_secs),
-                retries: Some(retries),
-                ..AgentOptions::default()
-            },
-        );
-        agent.start();
-        let path = Depot::vib_path(&hex);
-        Case {
-            world,
-            agent,
-            image,
-            hex,
-            path,
-        }
-    }
-
-    fn fault(&self, fault: Fault, times: usize) {
-        self.world.depot.fault(&self.path, fault, times);
-    }
-
-    /// Stages the image and returns the finished task.
-    fn stage(&self) -> Value {
-        self.agent
-            .stage_and_wait(&self.image, &self.world.depot.url())
-    }
-
-    /// The depot's requests for the VIB, in order.
-    fn vib_requests(&self) -> Vec<RequestLog> {
-        self.world
-            .depot
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == self.path)
-            .collect()
-    }
-
-    fn partial(&self) -> PathBuf {
-        self.agent
-            .scratch
-            .join("ingest")
-            .join(format!("{}.partial", self.hex))
-    }
-
-    /// The task succeeded and the store holds exactly the VIB, byte for byte the depot's.
-    fn assert_staged(&self, task: &Value) {
-        assert_eq!(
-            task["state"],
-            "succeeded",
-            "{task}\nlog:\n{}",
-            self.agent.log_text()
-        );
-        assert_eq!(task["error"], Value::Null, "{task}");
-        assert_eq!(self.agent.blobs(), vec![(self.hex.clone(), true)]);
-        let blob = self.agent.scratch.join("blobs/sha256").join(&self.hex);
-        let depot = self.world.depot_dir.join("vibs").join(&self.hex);
-        assert!(
-            std::fs::read(blob).expect("blob") == std::fs::read(depot).expect("depot file"),
-            "blob bytes differ from the depot's"
-        );
-        assert!(!self.partial().exists(), "partial download left behind");
-        let status = self.agent.status();
-        assert_eq!(status["staging"]["state"], "staged", "{status}");
-        assert_eq!(status["staging"]["staged"], true, "{status}");
-    }
-
-    /// The task failed with `code` and nothing of the VIB is in `blobs/`.
-    fn assert_failed(&self, task: &Value, code: &str) {
-        assert_eq!(
-            task["state"],
-            "failed",
-            "{task}\nlog:\n{}",
-            self.agent.log_text()
-        );
-        assert_eq!(task["error"]["code"], code, "{task}");
-        assert_eq!(
-            self.agent.blobs(),
-            Vec::<(String, bool)>::new(),
-            "no blob for a failed VIB"
-        );
-        let staged = self.agent.request("GET", "/v1/staged", None);
-        assert_eq!(
-            staged.json["staged"],
-            serde_json::json!([]),
-            "{}",
-            staged.body
-        );
-        let status = self.agent.status();
-        assert_eq!(status["staging"]["staged"], false, "{status}");
-    }
-
-    /// Bytes mismatches throw the partial download away: wrong bytes are not kept for a resume.
-    fn assert_no_partial(&self) {
-        assert!(
-            !self.partial().exists(),
-            "partial download of wrong bytes left behind"
-        );
-    }
-}
-
-/// The start offset of a `Range: bytes=N-` header.
-fn range_start(range: &Option<String>) -> Option<u64> {
-    range
-        .as_deref()?
-        .strip_prefix("bytes=")?
-        .strip_suffix('-')?
-        .parse()
-        .ok()
-}
+use vibstage_e2e::fault_case::{FaultCase, SIZE, range_start};
+use vibstage_e2e::{Depot, Fault};
 
 #[test]
 fn truncated_body_is_resumed_with_a_range_request() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Truncate { after: 300_000 }, 1);
     let task = case.stage();
     case.assert_staged(&task);
@@ -167,7 +31,7 @@ fn truncated_body_is_resumed_with_a_range_request() {
 
 #[test]
 fn byte_corrupted_once_is_refetched_and_staged() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Corrupt { offset: 500_000 }, 1);
     let task = case.stage();
     case.assert_staged(&task);
@@ -180,7 +44,7 @@ fn byte_corrupted_once_is_refetched_and_staged() {
 
 #[test]
 fn byte_corrupted_every_time_is_checksum_mismatch() {
-    let case = Case::new(2, 2);
+    let case = FaultCase::new(2, 2);
     case.fault(Fault::Corrupt { offset: 500_000 }, usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "checksum_mismatch");
@@ -193,7 +57,7 @@ fn byte_corrupted_every_time_is_checksum_mismatch() {
 
 #[test]
 fn connection_reset_mid_body_is_resumed_with_a_range_request() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Reset { after: 400_000 }, 1);
     let task = case.stage();
     case.assert_staged(&task);
@@ -210,7 +74,7 @@ fn connection_reset_mid_body_is_resumed_with_a_range_request() {
 
 #[test]
 fn range_ignored_by_the_depot_restarts_from_zero() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Truncate { after: 300_000 }, 1);
     case.fault(Fault::IgnoreRange, 1);
     let task = case.stage();
@@ -238,7 +102,7 @@ fn range_ignored_by_the_depot_restarts_from_zero() {
 
 #[test]
 fn wrong_content_range_makes_the_agent_start_over() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Truncate { after: 300_000 }, 1);
     case.fault(Fault::WrongContentRange, 1);
     let task = case.stage();
@@ -257,7 +121,7 @@ fn wrong_content_range_makes_the_agent_start_over() {
 
 #[test]
 fn server_error_once_is_retried() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Status(500), 1);
     let task = case.stage();
     case.assert_staged(&task);
@@ -267,7 +131,7 @@ fn server_error_once_is_retried() {
 
 #[test]
 fn server_error_every_time_is_depot_unreachable() {
-    let case = Case::new(2, 1);
+    let case = FaultCase::new(2, 1);
     case.fault(Fault::Status(503), usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
@@ -276,7 +140,7 @@ fn server_error_every_time_is_depot_unreachable() {
 
 #[test]
 fn stall_longer_than_the_timeout_once_is_retried_and_resumed() {
-    let case = Case::new(1, 3);
+    let case = FaultCase::new(1, 3);
     case.fault(
         Fault::Stall {
             after: 200_000,
@@ -295,7 +159,7 @@ fn stall_longer_than_the_timeout_once_is_retried_and_resumed() {
 
 #[test]
 fn body_longer_than_the_size_is_size_mismatch() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::ExtraBytes(10), usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "size_mismatch");
@@ -305,7 +169,7 @@ fn body_longer_than_the_size_is_size_mismatch() {
 #[test]
 fn resumed_body_longer_than_the_rest_is_size_mismatch() {
     // A 206 carries no total the agent trusts: the cap on what it writes catches the extra bytes.
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Truncate { after: 300_000 }, 1);
     case.fault(Fault::ExtraBytes(10), usize::MAX);
     let task = case.stage();
@@ -317,7 +181,7 @@ fn resumed_body_longer_than_the_rest_is_size_mismatch() {
 
 #[test]
 fn content_length_shorter_than_the_size_is_size_mismatch() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(
         Fault::SizeLie {
             content_length: SIZE - 1000,
@@ -331,7 +195,7 @@ fn content_length_shorter_than_the_size_is_size_mismatch() {
 
 #[test]
 fn content_length_longer_than_the_size_is_size_mismatch() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(
         Fault::SizeLie {
             content_length: SIZE + 100,
@@ -345,7 +209,7 @@ fn content_length_longer_than_the_size_is_size_mismatch() {
 
 #[test]
 fn vib_missing_from_the_depot_is_depot_unreachable() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     std::fs::remove_file(case.world.depot_dir.join("vibs").join(&case.hex)).expect("remove vib");
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
@@ -358,7 +222,7 @@ fn vib_missing_from_the_depot_is_depot_unreachable() {
 
 #[test]
 fn endless_body_is_size_mismatch() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Endless, usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "size_mismatch");
@@ -370,7 +234,7 @@ fn endless_body_is_size_mismatch() {
 
 #[test]
 fn redirect_from_https_to_http_is_refused() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     // A real plain-http depot serving the same files: an agent that followed the redirect would
     // get the right bytes from it, so only a refusal makes this test pass.
     let plain = Depot::start_http(&case.world.depot_dir);

@@ -17,146 +17,12 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-use vibstage_e2e::{AgentOptions, AgentProc, Depot, Fault, RequestLog, VibFile, World};
-use vibstage_protocol::Envelope;
-
-const SIZE: u64 = 1_000_003;
-
-struct Case {
-    world: World,
-    agent: AgentProc,
-    image: Envelope,
-    hex: String,
-    path: String,
-}
-
-impl Case {
-    fn new(timeout_secs: u64, retries: u32) -> Case {
-        let world = World::new();
-        let hex = world
-            .add_vibs(&[VibFile::software("esx-base", SIZE as usize)])
-            .remove(0);
-        let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
-        let mut agent = world.agent(
-            "esx-01",
-            AgentOptions {
-                timeout_secs: Some(timeout_secs),
-                retries: Some(retries),
-                ..AgentOptions::default()
-            },
-        );
-        agent.start();
-        let path = Depot::vib_path(&hex);
-        Case {
-            world,
-            agent,
-            image,
-            hex,
-            path,
-        }
-    }
-
-    fn fault(&self, fault: Fault, times: usize) {
-        self.world.depot.fault(&self.path, fault, times);
-    }
-
-    fn stage(&self) -> Value {
-        self.agent
-            .stage_and_wait(&self.image, &self.world.depot.url())
-    }
-
-    fn vib_requests(&self) -> Vec<RequestLog> {
-        self.world
-            .depot
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == self.path)
-            .collect()
-    }
-
-    fn depot_bytes(&self) -> Vec<u8> {
-        std::fs::read(self.world.depot_dir.join("vibs").join(&self.hex)).expect("depot vib")
-    }
-
-    fn partial_len(&self) -> Option<u64> {
-        let path = self
-            .agent
-            .scratch
-            .join("ingest")
-            .join(format!("{}.partial", self.hex));
-        std::fs::metadata(path).ok().map(|m| m.len())
-    }
-
-    /// Whatever happened: every blob hashes to its name, a partial download is a prefix.
-    fn assert_no_wrong_bytes(&self) {
-        for (name, ok) in self.agent.blobs() {
-            assert!(ok, "blob {name} holds wrong bytes");
-        }
-        let path = self
-            .agent
-            .scratch
-            .join("ingest")
-            .join(format!("{}.partial", self.hex));
-        if let Ok(part) = std::fs::read(path) {
-            let full = self.depot_bytes();
-            assert!(
-                part.len() <= full.len() && part[..] == full[..part.len()],
-                "partial download ({} bytes) is not a prefix of the VIB",
-                part.len()
-            );
-        }
-    }
-
-    fn assert_staged(&self, task: &Value) {
-        assert_eq!(
-            task["state"],
-            "succeeded",
-            "{task}\nlog:\n{}",
-            self.agent.log_text()
-        );
-        self.assert_no_wrong_bytes();
-        assert_eq!(self.agent.blobs(), vec![(self.hex.clone(), true)]);
-        let blob =
-            std::fs::read(self.agent.scratch.join("blobs/sha256").join(&self.hex)).expect("blob");
-        assert!(blob == self.depot_bytes(), "blob differs from the depot's");
-        assert_eq!(self.partial_len(), None, "partial download left behind");
-        assert_eq!(self.agent.status()["staging"]["staged"], true);
-    }
-
-    fn assert_failed(&self, task: &Value, code: &str) {
-        assert_eq!(
-            task["state"],
-            "failed",
-            "{task}\nlog:\n{}",
-            self.agent.log_text()
-        );
-        assert_eq!(task["error"]["code"], code, "{task}");
-        self.assert_no_wrong_bytes();
-        assert_eq!(self.agent.blobs(), Vec::<(String, bool)>::new());
-        let staged = self.agent.request("GET", "/v1/staged", None);
-        assert_eq!(
-            staged.json["staged"],
-            serde_json::json!([]),
-            "{}",
-            staged.body
-        );
-        assert_eq!(self.agent.status()["staging"]["staged"], false);
-    }
-}
-
-fn range_start(range: &Option<String>) -> Option<u64> {
-    range
-        .as_deref()?
-        .strip_prefix("bytes=")?
-        .strip_suffix('-')?
-        .parse()
-        .ok()
-}
+use vibstage_e2e::Fault;
+use vibstage_e2e::fault_case::{FaultCase, SIZE, range_start};
 
 #[test]
 fn slow_drip_below_the_minimum_speed_is_depot_unreachable_and_keeps_a_resumable_prefix() {
-    let case = Case::new(1, 1);
+    let case = FaultCase::new(1, 1);
     case.fault(Fault::SlowDrip { bytes_per_sec: 200 }, usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
@@ -170,7 +36,7 @@ fn slow_drip_below_the_minimum_speed_is_depot_unreachable_and_keeps_a_resumable_
 
 #[test]
 fn slow_drip_once_is_abandoned_and_resumed_from_what_arrived() {
-    let case = Case::new(1, 3);
+    let case = FaultCase::new(1, 3);
     case.fault(Fault::SlowDrip { bytes_per_sec: 300 }, 1);
     let task = case.stage();
     case.assert_staged(&task);
@@ -183,7 +49,7 @@ fn slow_drip_once_is_abandoned_and_resumed_from_what_arrived() {
 
 #[test]
 fn slow_drip_above_the_minimum_speed_is_not_a_stall() {
-    let case = Case::new(3, 0);
+    let case = FaultCase::new(3, 0);
     case.fault(
         Fault::SlowDrip {
             bytes_per_sec: 400_000,
@@ -197,7 +63,7 @@ fn slow_drip_above_the_minimum_speed_is_not_a_stall() {
 
 #[test]
 fn redirect_loop_is_depot_unreachable_after_a_bounded_number_of_hops() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::RedirectLoop, usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
@@ -211,7 +77,7 @@ fn redirect_loop_is_depot_unreachable_after_a_bounded_number_of_hops() {
 
 #[test]
 fn https_redirect_to_a_mirror_path_is_followed() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     let mirror = case.world.depot_dir.join("mirror");
     std::fs::create_dir_all(&mirror).expect("mirror dir");
     std::fs::write(mirror.join(&case.hex), case.depot_bytes()).expect("mirror copy");
@@ -225,7 +91,7 @@ fn https_redirect_to_a_mirror_path_is_followed() {
 
 #[test]
 fn unsolicited_206_for_a_request_without_range_is_refused_then_retried() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::WrongContentRange, 1);
     let task = case.stage();
     case.assert_staged(&task);
@@ -240,7 +106,7 @@ fn unsolicited_206_for_a_request_without_range_is_refused_then_retried() {
 
 #[test]
 fn too_many_requests_is_retried() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Status(429), 2);
     let task = case.stage();
     case.assert_staged(&task);
@@ -250,7 +116,7 @@ fn too_many_requests_is_retried() {
 
 #[test]
 fn forbidden_is_depot_unreachable_without_retries() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Status(403), usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
@@ -259,7 +125,7 @@ fn forbidden_is_depot_unreachable_without_retries() {
 
 #[test]
 fn reset_before_the_first_byte_every_time_is_depot_unreachable() {
-    let case = Case::new(2, 2);
+    let case = FaultCase::new(2, 2);
     case.fault(Fault::Reset { after: 0 }, usize::MAX);
     let task = case.stage();
     case.assert_failed(&task, "depot_unreachable");
@@ -269,7 +135,7 @@ fn reset_before_the_first_byte_every_time_is_depot_unreachable() {
 
 #[test]
 fn stall_on_every_attempt_fails_and_the_next_request_resumes_the_prefix() {
-    let case = Case::new(1, 1);
+    let case = FaultCase::new(1, 1);
     case.fault(
         Fault::Stall {
             after: 250_000,
@@ -296,7 +162,7 @@ fn stall_on_every_attempt_fails_and_the_next_request_resumes_the_prefix() {
 
 #[test]
 fn truncation_on_every_attempt_still_completes_by_resuming() {
-    let case = Case::new(2, 5);
+    let case = FaultCase::new(2, 5);
     case.fault(Fault::Truncate { after: 300_000 }, usize::MAX);
     let task = case.stage();
     case.assert_staged(&task);
@@ -313,7 +179,7 @@ fn truncation_on_every_attempt_still_completes_by_resuming() {
 
 #[test]
 fn corruption_inside_a_resumed_range_is_caught_and_the_download_restarts() {
-    let case = Case::new(2, 3);
+    let case = FaultCase::new(2, 3);
     case.fault(Fault::Truncate { after: 300_000 }, 1);
     case.fault(Fault::Corrupt { offset: 700_000 }, 1);
     let task = case.stage();
