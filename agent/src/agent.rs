@@ -82,6 +82,9 @@ pub struct Agent {
     pub(crate) metrics: Metrics,
     pub(crate) running: Mutex<Option<Running>>,
     pub(crate) jobs: Mutex<tokio::task::JoinSet<()>>,
+    /// Bounds how many requests verify signatures at once (one per core): verification is the
+    /// one expensive thing an authenticated client can make the agent do per request.
+    verification_slots: tokio::sync::Semaphore,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,6 +114,9 @@ impl Agent {
             metrics,
             running: Mutex::new(None),
             jobs: Mutex::new(tokio::task::JoinSet::new()),
+            verification_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         })
     }
 
@@ -122,6 +128,11 @@ impl Agent {
     /// Counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Permits for signature verification (see `api::handlers::off_worker`).
+    pub fn verification_slots(&self) -> &tokio::sync::Semaphore {
+        &self.verification_slots
     }
 
     /// The stager (and through it the stores and depot client).
@@ -417,11 +428,18 @@ impl Agent {
 
     /// `DELETE /v1/staged/{digest}`.
     pub fn delete_staged(&self, digest: &ImageDigest) -> Result<(), AgentError> {
+        // Refused while any lifecycle task runs, not only one for this image: a running stage
+        // writes its image record last, so until then its committed blobs are unreferenced and
+        // the garbage collection of a deletion would take them (issue 11, item 1). The `running`
+        // lock is held for the whole deletion, so no task can start halfway through it.
         let running = lock(&self.running);
-        if running.as_ref().is_some_and(|r| r.digest == *digest) {
+        if let Some(r) = running.as_ref() {
             return Err(AgentError::new(
                 ErrorCode::Busy,
-                "the image is being staged or remediated",
+                format!(
+                    "task {} is staging or remediating image {}; staged content can be deleted once it ends",
+                    r.task_id, r.digest
+                ),
             ));
         }
         if !self.stager.stores().remove(digest)? {
@@ -544,7 +562,7 @@ impl Agent {
     /// Total bytes of staged blobs (for metrics).
     pub fn staged_bytes(&self) -> u64 {
         self.staged()
-            .map(|s| s.iter().map(|i| i.bytes).sum())
+            .map(|s| s.iter().fold(0u64, |acc, i| acc.saturating_add(i.bytes)))
             .unwrap_or(0)
     }
 

@@ -1,7 +1,6 @@
 //! `vibstaged`: loads the configuration, recovers the stores, serves the API on both listeners,
 //! and handles signals (SIGTERM/SIGINT stop, SIGHUP reloads) and systemd notification.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -138,6 +137,9 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| DaemonError::runtime(&format!("cannot create {}", parent.display()), e))?;
+        // Nobody else may swap the socket for something else between bind and use.
+        fsutil::check_ancestors(parent)
+            .map_err(|e| DaemonError::runtime("cannot use listen.socket", e))?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -156,9 +158,20 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     nix::sys::stat::umask(old);
     let listener = listener
         .map_err(|e| DaemonError::runtime(&format!("cannot listen on {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| DaemonError::runtime(&format!("cannot chmod {}", path.display()), e))?;
-    Ok(listener)
+    // The umask made it 0600; check rather than chmod, which would follow a symlink.
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() && m.mode() & 0o177 == 0 => Ok(listener),
+        Ok(m) => Err(DaemonError::Runtime(format!(
+            "{} is not the agent's private socket after bind (mode {:o})",
+            path.display(),
+            m.mode() & 0o7777
+        ))),
+        Err(e) => Err(DaemonError::runtime(
+            &format!("cannot stat {}", path.display()),
+            e,
+        )),
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

@@ -149,7 +149,7 @@ impl Fetcher {
     /// Parses a depot base URL, adding the trailing `/` if missing and refusing http unless allowed.
     pub fn depot_url(&self, depot: &str) -> Result<Url, FetchError> {
         let bad = |reason: &str| FetchError::BadDepot {
-            url: depot.chars().take(200).collect(),
+            url: redact_str(depot).chars().take(200).collect(),
             reason: reason.to_owned(),
         };
         let mut url = Url::parse(depot).map_err(|_| bad("not a URL"))?;
@@ -186,7 +186,7 @@ impl Fetcher {
         let url = depot
             .join(&format!("vibs/{digest}"))
             .map_err(|e| FetchError::BadDepot {
-                url: depot.to_string(),
+                url: redact(depot).to_string(),
                 reason: e.to_string(),
             })?;
         // Reopening re-hashes what a partial file holds and committing fsyncs: both may take a
@@ -219,7 +219,7 @@ impl Fetcher {
             }
             attempt += 1;
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%url, attempt, error = %err, "retrying download");
+            tracing::warn!(url = %redact(&url), attempt, error = %err, "retrying download");
             tokio::time::sleep(backoff(attempt)).await;
         }
     }
@@ -236,7 +236,7 @@ impl Fetcher {
             return Ok(());
         }
         let fail = |detail: String, retriable: bool| FetchError::Unreachable {
-            url: url.clone(),
+            url: redact(url),
             detail,
             retriable,
         };
@@ -247,7 +247,10 @@ impl Fetcher {
         let send = tokio::time::timeout(self.config.timeout, request.send());
         let mut response = match send.await {
             Err(_) => return Err(fail("no answer within the timeout".into(), true)),
-            Ok(Err(e)) => return Err(fail(error_chain(&e), !e.is_redirect() && !e.is_builder())),
+            Ok(Err(e)) => {
+                let retriable = !e.is_redirect() && !e.is_builder();
+                return Err(fail(error_chain(&e.without_url()), retriable));
+            }
             Ok(Ok(r)) => r,
         };
         let status = response.status();
@@ -259,7 +262,7 @@ impl Fetcher {
         match status {
             StatusCode::OK => {
                 if offset > 0 {
-                    tracing::info!(%url, offset, "depot ignored the Range request; starting over");
+                    tracing::info!(url = %redact(url), offset, "depot ignored the Range request; starting over");
                     ingest.restart()?;
                     progress(0);
                 }
@@ -328,7 +331,7 @@ impl Fetcher {
                         format!(
                             "connection lost after {} of {size} bytes: {}",
                             ingest.offset(),
-                            error_chain(&e)
+                            error_chain(&e.without_url())
                         ),
                         true,
                     ));
@@ -389,6 +392,35 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)).min(5_000))
 }
 
+/// A URL as it may be shown (tasks, logs, metrics): without `user:password@` (SPEC §5).
+pub fn redact(url: &Url) -> Url {
+    let mut shown = url.clone();
+    if shown.password().is_some() || !shown.username().is_empty() {
+        // Both only fail for URLs that cannot have userinfo, which then have none to hide.
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+    }
+    shown
+}
+
+/// [`redact`] for text that may not parse as a URL: whatever stands before the last `@` of
+/// the authority is dropped.
+pub fn redact_str(text: &str) -> String {
+    if let Ok(url) = Url::parse(text) {
+        return redact(&url).to_string();
+    }
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_owned();
+    };
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..end].rfind('@') {
+        Some(at) => format!("{}{}", &text[..start], &text[start + at + 1..]),
+        None => text.to_owned(),
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -409,6 +441,36 @@ mod tests {
         assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, 99, 100)));
         assert_eq!(parse_content_range("bytes */100"), None);
         assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn depot_passwords_are_never_shown() {
+        // Issue 11, item 8.
+        let url = Url::parse("https://ops:s3cret@depot.example:8443/base/").expect("url");
+        assert_eq!(redact(&url).as_str(), "https://depot.example:8443/base/");
+        assert_eq!(
+            redact_str("https://ops:s3cret@depot.example/x"),
+            "https://depot.example/x"
+        );
+        assert_eq!(
+            redact_str("https://ops:s3cret@[not a url/x"),
+            "https://[not a url/x"
+        );
+        assert_eq!(redact_str("no scheme at all"), "no scheme at all");
+        let fetcher = Fetcher::new(
+            FetchConfig {
+                allow_http: false,
+                ca_pem: None,
+                timeout: Duration::from_secs(1),
+                retries: 0,
+            },
+            Arc::default(),
+        )
+        .expect("fetcher");
+        let err = fetcher
+            .depot_url("http://ops:s3cret@depot.example/")
+            .expect_err("http refused");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vibstage_protocol::api::{ImageRef, Impact, Notification};
-use vibstage_protocol::{Envelope, ErrorCode, VerifiedImage, VibTarget};
+use vibstage_protocol::{Digest, Envelope, ErrorCode, VerifiedImage, VibTarget};
 
 use crate::agent::{Agent, AgentError, lock};
 use crate::fsutil;
@@ -80,32 +80,101 @@ pub fn read_current_bank(state_dir: &Path) -> io::Result<Option<InstalledImage>>
     }
 }
 
-/// Writes a new bank with `files` (name, source) and the manifest, then switches `current` to
-/// it atomically and removes other banks.
+/// One file of a bank: its name in the bank, its digest, and where its bytes come from.
+#[derive(Debug, Clone)]
+struct BankFile {
+    name: String,
+    sha256: Digest,
+    source: PathBuf,
+}
+
+/// The files of the current bank by digest (file names end in `-<hex>.vib`).
+fn current_bank_files(state_dir: &Path) -> io::Result<BTreeMap<Digest, PathBuf>> {
+    let current = bootbank(state_dir).join("current");
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(&current) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if let Some(digest) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".vib"))
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, hex)| hex.parse::<Digest>().ok())
+        {
+            out.insert(digest, entry.path());
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a bank against its manifest: exactly one file per VIB the manifest lists, each
+/// hashing to its digest, and nothing else but the manifest.
+pub fn check_bank(bank: &Path, manifest: &InstalledImage) -> io::Result<()> {
+    let bad = |what: String| io::Error::other(format!("bank {}: {what}", bank.display()));
+    let mut seen = BTreeSet::new();
+    for entry in std::fs::read_dir(bank)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(bad(format!("unexpected file {:?}", entry.file_name())));
+        };
+        if name == "manifest.json" {
+            continue;
+        }
+        let digest = name
+            .strip_suffix(".vib")
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, hex)| hex.parse::<Digest>().ok())
+            .ok_or_else(|| bad(format!("unexpected file {name}")))?;
+        if !manifest.vibs.contains(&digest) {
+            return Err(bad(format!("{name} is not in the manifest")));
+        }
+        if !entry.file_type()?.is_file() || crate::store::hash_file(&entry.path())? != digest {
+            return Err(bad(format!(
+                "{name} does not hold the bytes of sha256:{digest}"
+            )));
+        }
+        if !seen.insert(digest) {
+            return Err(bad(format!("sha256:{digest} is there twice")));
+        }
+    }
+    if let Some(missing) = manifest.vibs.iter().find(|d| !seen.contains(*d)) {
+        return Err(bad(format!("no file for sha256:{missing} of the manifest")));
+    }
+    Ok(())
+}
+
+/// Writes a new bank with `files` and the manifest, checks it against the manifest, then
+/// switches `current` to it atomically and removes other banks.
 fn install_bank(
     state_dir: &Path,
     installed: &InstalledImage,
-    files: &[(String, PathBuf)],
+    files: &[BankFile],
 ) -> io::Result<()> {
     let root = bootbank(state_dir);
     let mut fixed = Vec::new();
     fsutil::ensure_private_dir(&root, &mut fixed).map_err(io::Error::other)?;
     let name = format!("bank-{}", installed.image.digest.hex());
     let bank = root.join(&name);
-    let _ = std::fs::remove_dir_all(&bank);
-    std::fs::create_dir(&bank)?;
-    for (file, source) in files {
-        let target = bank.join(file);
-        std::fs::copy(source, &target)?;
-        std::fs::File::open(&target)?.sync_all()?;
+    match std::fs::remove_dir_all(&bank) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    fsutil::create_private_dir(&bank)?;
+    for file in files {
+        fsutil::copy_new(&file.source, &bank.join(&file.name), 0o400)?;
     }
     fsutil::write_json(&bank.join("manifest.json"), installed)?;
     fsutil::fsync_dir(&bank)?;
-    let tmp = root.join(".current.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(&name, &tmp)?;
-    std::fs::rename(&tmp, root.join("current"))?;
-    fsutil::fsync_dir(&root)?;
+    // The old bank is deleted below: the new one must be whole before `current` names it.
+    check_bank(&bank, installed)?;
+    fsutil::symlink_atomic(Path::new(&name), &root.join("current"))?;
     for entry in std::fs::read_dir(&root)?.flatten() {
         let n = entry.file_name();
         if n.to_string_lossy().starts_with("bank-") && n != name.as_str() {
@@ -194,16 +263,30 @@ impl Agent {
 
         step("installing");
         let installed = self.install(image, &record, store).await;
-        if let Ok(new) = &installed {
-            let mut state = lock(&self.state);
-            state.installed = Some(new.clone());
-            state.reboot_required = impact == Impact::Reboot;
-            self.save(&state)?;
-        }
+        // Whatever happens from here on, maintenance mode is left through the exit command:
+        // a failure to record the install must not keep the host out of service (issue 11,
+        // item 3). The memory state says what the installer did; if the state file cannot be
+        // written, the next save writes it, and the built-in installer's bank (what start-up
+        // reads) already says the same.
+        let recorded = match &installed {
+            Ok(new) => {
+                let mut state = lock(&self.state);
+                state.installed = Some(new.clone());
+                state.reboot_required = impact == Impact::Reboot;
+                self.save(&state).map_err(|e| {
+                    failed(
+                        ErrorCode::Internal,
+                        format!("image {} was installed, but {}", image.digest, e.0.message),
+                    )
+                })
+            }
+            Err(_) => Ok(()),
+        };
 
         step("exiting maintenance mode");
         let exited = self.maintenance(false).await;
         installed?;
+        recorded?;
         exited?;
 
         // After a successful remediation the image's staged content is removed.
@@ -258,18 +341,13 @@ impl Agent {
                 .map(|d| d.sha256)
                 .collect::<BTreeSet<_>>(),
         };
-        let files: Vec<(String, PathBuf)> = record
-            .vibs
-            .iter()
-            .map(|v| {
-                (
-                    format!("{}-{}.vib", v.name, v.sha256),
-                    store.blob_path(&v.sha256),
-                )
-            })
-            .collect();
         if !self.config.install.command.is_empty() {
-            let paths: Vec<PathBuf> = files.iter().map(|(_, p)| p.clone()).collect();
+            // An installer command is given what was staged: the VIBs that change.
+            let paths: Vec<PathBuf> = record
+                .vibs
+                .iter()
+                .map(|v| store.blob_path(&v.sha256))
+                .collect();
             run_command(
                 "install.command",
                 &self.config.install.command,
@@ -280,7 +358,46 @@ impl Agent {
             .await?;
             return Ok(installed);
         }
+        // The built-in installer's bank holds the whole image: VIBs that were staged come from
+        // the store, the ones the image keeps unchanged (never staged, since they are
+        // installed) are carried over from the current bank (issue 11, item 2); both are
+        // checked against their digests before the switch.
         let state_dir = self.config.agent.state_dir.clone();
+        let current = current_bank_files(&state_dir).map_err(|e| {
+            failed(
+                ErrorCode::InstallFailed,
+                format!("built-in installer: cannot read the installed bank: {e}"),
+            )
+        })?;
+        let mut files = Vec::new();
+        for d in image
+            .vibs
+            .iter()
+            .map(|v| &v.descriptor)
+            .filter(|d| installed.vibs.contains(&d.sha256))
+        {
+            let source = if store.has_blob(&d.sha256, d.size) {
+                store.blob_path(&d.sha256)
+            } else if let Some(path) = current.get(&d.sha256) {
+                path.clone()
+            } else {
+                return Err(failed(
+                    ErrorCode::InstallFailed,
+                    format!(
+                        "built-in installer: VIB {} (sha256:{}) is neither staged nor in the installed bank",
+                        d.name, d.sha256
+                    ),
+                ));
+            };
+            if files.iter().any(|f: &BankFile| f.sha256 == d.sha256) {
+                continue;
+            }
+            files.push(BankFile {
+                name: format!("{}-{}.vib", d.name, d.sha256),
+                sha256: d.sha256,
+                source,
+            });
+        }
         let manifest = installed.clone();
         tokio::task::spawn_blocking(move || install_bank(&state_dir, &manifest, &files))
             .await

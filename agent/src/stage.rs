@@ -51,6 +51,21 @@ pub enum StageError {
     /// The depot URL is unusable.
     #[error(transparent)]
     Depot(FetchError),
+    /// Blobs the run committed were gone when it ended (removed under it): it must not report
+    /// success (issue 11, item 1).
+    #[error(
+        "staging of {image} ended with {} of its blobs missing from {store} (removed while it ran): {}",
+        missing.len(),
+        missing.iter().map(|d| format!("sha256:{d}")).collect::<Vec<_>>().join(", ")
+    )]
+    Incomplete {
+        /// The image.
+        image: ImageDigest,
+        /// The store.
+        store: PathBuf,
+        /// The blobs not there.
+        missing: Vec<Digest>,
+    },
 }
 
 impl StageError {
@@ -61,6 +76,7 @@ impl StageError {
             StageError::Fetch { source, .. } => source.code(),
             StageError::Depot(source) => source.code(),
             StageError::Store(e) => store_code(e),
+            StageError::Incomplete { .. } => ErrorCode::Internal,
         }
     }
 }
@@ -231,6 +247,18 @@ pub fn parts_of(record: &ImageRecord, store: &Store) -> StagingParts {
     }
 }
 
+/// The refusal of an image whose VIB sizes add up to more than a `u64` holds.
+fn too_big(wanted: &BTreeMap<Digest, &VibDescriptor>) -> StageError {
+    StageError::NoSpace {
+        needed: u64::MAX,
+        detail: format!(
+            "the {} VIBs to stage declare more than {} bytes in total; no filesystem holds that",
+            wanted.len(),
+            u64::MAX
+        ),
+    }
+}
+
 /// Stages images into the stores.
 #[derive(Clone, Debug)]
 pub struct Stager {
@@ -268,10 +296,14 @@ impl Stager {
         let mut detail = Vec::new();
         let mut needed_first = None;
         for (store, persistent) in self.stores.all() {
-            let needed: u64 = wanted
+            // Sizes come from signed but remote descriptors: added with checks, so that two
+            // of 2^63 bytes cannot wrap to "nothing needed" (issue 11, item 7).
+            let needed = wanted
                 .iter()
-                .map(|(d, v)| v.size - store.bytes_held(d, v.size))
-                .sum();
+                .try_fold(0u64, |acc, (d, v)| {
+                    acc.checked_add(v.size - store.bytes_held(d, v.size))
+                })
+                .ok_or_else(|| too_big(wanted))?;
             needed_first.get_or_insert(needed);
             let space = store.space()?;
             let usable = space.free.saturating_sub(self.stores.reserve_bytes);
@@ -316,10 +348,12 @@ impl Stager {
                 wanted.entry(d.sha256).or_insert(d);
             }
         }
+        let total = wanted
+            .values()
+            .try_fold(0u64, |acc, v| acc.checked_add(v.size))
+            .ok_or_else(|| too_big(&wanted))?;
         let (store, persistent) = self.choose_store(&wanted)?;
-        progress
-            .total
-            .store(wanted.values().map(|v| v.size).sum(), Ordering::Relaxed);
+        progress.total.store(total, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
 
         let results: Vec<(Digest, Result<(), FetchError>)> = futures_util::stream::iter(
@@ -458,6 +492,20 @@ impl Stager {
             notifications,
             staged_at: OffsetDateTime::now_utc(),
         };
+        // The record is the claim "all of this is staged": it is written only if it is true,
+        // and checked again once older images (and their garbage) are gone.
+        let complete = |record: &ImageRecord| -> Result<(), StageError> {
+            let missing = store.missing_blobs(record);
+            if missing.is_empty() {
+                return Ok(());
+            }
+            Err(StageError::Incomplete {
+                image: record.image.digest,
+                store: store.root().to_owned(),
+                missing,
+            })
+        };
+        complete(&record)?;
         store.write_record(&record)?;
         // A newer image staged later replaces an older staged one.
         for (other, _) in self.stores.all() {
@@ -470,6 +518,7 @@ impl Stager {
                 other.remove_image(&image.digest)?;
             }
         }
+        complete(&record)?;
         Ok(StageOutcome {
             record,
             location: store.root().to_owned(),

@@ -140,7 +140,9 @@ pub struct ImageRecord {
 impl ImageRecord {
     /// Total bytes of the record's blobs.
     pub fn bytes(&self) -> u64 {
-        self.vibs.iter().map(|v| v.size).sum()
+        self.vibs
+            .iter()
+            .fold(0u64, |acc, v| acc.saturating_add(v.size))
     }
 }
 
@@ -286,6 +288,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))?;
         let mut ingest = Ingest {
@@ -448,9 +451,13 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(StoreError::io("remove", &path, e, String::new)),
         };
-        fsutil::fsync_dir(&self.image_dir())
-            .map_err(|e| StoreError::io("fsync", &self.image_dir(), e, String::new))?;
-        self.collect_garbage(&BTreeSet::new())?;
+        if existed {
+            fsutil::fsync_dir(&self.image_dir())
+                .map_err(|e| StoreError::io("fsync", &self.image_dir(), e, String::new))?;
+            // Only a removed record can leave blobs unreferenced: a deletion that removed
+            // nothing must not collect anything (issue 11, item 1).
+            self.collect_garbage(&BTreeSet::new())?;
+        }
         Ok(existed)
     }
 
@@ -586,14 +593,25 @@ impl Store {
 
 /// Creates (if needed) and exclusively locks a store's lock file.
 fn take_lock(lock_path: &Path) -> Result<File, StoreError> {
+    // Never through a symlink (issue 11, item 4): a planted `lock -> /etc/...` is an error.
     let lock = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(lock_path)
-        .map_err(|e| StoreError::io("open", lock_path, e, || "lock file".into()))?;
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                StoreError::Dir(PrivateDirError::Insecure {
+                    path: lock_path.to_owned(),
+                    reason: "the lock file is a symlink; the agent never follows one it did not make (remove it)".into(),
+                })
+            } else {
+                StoreError::io("open", lock_path, e, || "lock file".into())
+            }
+        })?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
         Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
@@ -616,7 +634,7 @@ pub fn space_of(path: &Path) -> Result<Space, StoreError> {
 
 /// sha256 of a file's contents, read in chunks of up to 1 MiB.
 pub fn hash_file(path: &Path) -> io::Result<Digest> {
-    let mut f = File::open(path)?;
+    let mut f = fsutil::open_nofollow(path)?;
     let mut hasher = Sha256::new();
     // No bigger than the file: zeroing 1 MiB for every 64 KiB blob cost a scrub a quarter of
     // the time it spent hashing (issue 7, P4).

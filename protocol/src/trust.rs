@@ -11,7 +11,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use crate::dsse::{Envelope, key_id};
+use crate::dsse::{Envelope, key_id, signature_verifies_over};
 use crate::error::{DocKind, VerifyError};
 use crate::model::{Image, VibDescriptor, check_text};
 use crate::types::{AcceptanceLevel, Digest, ImageDigest, KeyId, Name};
@@ -98,12 +98,18 @@ pub struct VerifiedVib {
 
 /// Checks an envelope's type and signatures; returns the keys (of `role_ok`) whose signatures
 /// verified. Several signatures by one key count once.
+///
+/// The cost is bounded whatever the envelope holds: at most [`Envelope::MAX_SIGNATURES`]
+/// signatures, the PAE built once, each key id tried once (a second signature naming a key
+/// already tried is skipped, so the expensive check runs at most once per trusted key), and the
+/// loop ends as soon as `enough` says the keys found settle the outcome.
 fn verify_envelope<'a>(
     env: &Envelope,
     doc: DocKind,
     payload_type: &'static str,
     store: &'a TrustStore,
     role_ok: impl Fn(&KeyRole) -> bool,
+    enough: impl Fn(&[&TrustedKey]) -> bool,
 ) -> Result<Vec<&'a TrustedKey>, VerifyError> {
     if env.payload_type != payload_type {
         return Err(VerifyError::WrongPayloadType {
@@ -112,15 +118,33 @@ fn verify_envelope<'a>(
             found: env.payload_type.chars().take(80).collect(),
         });
     }
+    if env.signatures.len() > Envelope::MAX_SIGNATURES {
+        return Err(VerifyError::Malformed {
+            doc,
+            detail: format!(
+                "the envelope carries {} signatures; at most {} are accepted",
+                env.signatures.len(),
+                Envelope::MAX_SIGNATURES
+            ),
+        });
+    }
+    let pae = env.pae();
+    let mut tried: HashSet<KeyId> = HashSet::new();
     let mut good: Vec<&TrustedKey> = Vec::new();
     let mut bad: Option<KeyId> = None;
     for sig in &env.signatures {
+        if enough(&good) {
+            break;
+        }
+        if !tried.insert(sig.keyid) {
+            continue;
+        }
         for key in store
             .keys
             .iter()
             .filter(|k| k.id == sig.keyid && role_ok(&k.role))
         {
-            if env.signature_verifies(sig, &key.key) {
+            if signature_verifies_over(&pae, sig, &key.key) {
                 if !good.iter().any(|g| g.id == key.id) {
                     good.push(key);
                 }
@@ -163,9 +187,26 @@ fn parse<T: DeserializeOwned>(doc: DocKind, bytes: &[u8]) -> Result<T, VerifyErr
 /// Verifies one VIB descriptor envelope: signed by a `vib` key whose `max_acceptance` covers the
 /// level the descriptor claims.
 pub fn verify_vib(env: &Envelope, store: &TrustStore) -> Result<VerifiedVib, VerifyError> {
-    let signers = verify_envelope(env, DocKind::Vib, VIB_PAYLOAD_TYPE, store, |r| {
-        matches!(r, KeyRole::Vib { .. })
-    })?;
+    // Before the payload is parsed its level is unknown, so the search stops early only once
+    // enough keys trusted up to `certified` (which cover any level) have signed.
+    let signers = verify_envelope(
+        env,
+        DocKind::Vib,
+        VIB_PAYLOAD_TYPE,
+        store,
+        |r| matches!(r, KeyRole::Vib { .. }),
+        |good| {
+            good.iter()
+                .filter(|k| {
+                    k.role
+                        == KeyRole::Vib {
+                            max_acceptance: AcceptanceLevel::Certified,
+                        }
+                })
+                .count()
+                >= store.threshold
+        },
+    )?;
     let descriptor: VibDescriptor = parse(DocKind::Vib, &env.payload)?;
     descriptor
         .validate()
@@ -210,9 +251,14 @@ pub fn verify_image_content(
     now: OffsetDateTime,
     highest_serial: impl FnOnce(&Name) -> Option<u64>,
 ) -> Result<VerifiedImage, VerifyError> {
-    verify_envelope(env, DocKind::Image, IMAGE_PAYLOAD_TYPE, store, |r| {
-        *r == KeyRole::Image
-    })?;
+    verify_envelope(
+        env,
+        DocKind::Image,
+        IMAGE_PAYLOAD_TYPE,
+        store,
+        |r| *r == KeyRole::Image,
+        |good| good.len() >= store.threshold,
+    )?;
     let image: Image = parse(DocKind::Image, &env.payload)?;
     let malformed = |detail: String| VerifyError::Malformed {
         doc: DocKind::Image,

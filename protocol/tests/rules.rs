@@ -327,12 +327,47 @@ fn accepted_image_reports_digest_and_vibs() {
 }
 
 #[test]
-fn a_bad_signature_does_not_hide_a_good_one() {
+fn a_bad_signature_does_not_hide_a_good_one_by_another_key() {
+    // Two trusted image keys; the first signature (key 1) is broken, the second (key 4) good.
+    let second = key(4);
+    let mut keys = store().keys().to_vec();
+    keys.push(TrustedKey::new(second.verifying_key(), KeyRole::Image));
+    let two_image_keys = TrustStore::new(keys);
     let mut env = signed(&good_image());
-    env.add_signature(&image_key());
+    env.add_signature(&second);
     env.signatures[0].sig[0] ^= 1;
     assert_eq!(
-        check(&serde_json::to_string(&env).expect("json"), &store()),
+        check(&serde_json::to_string(&env).expect("json"), &two_image_keys),
         Ok(())
+    );
+}
+
+#[test]
+fn hostile_envelope_with_thousands_of_signatures_is_refused_before_any_is_checked() {
+    // Issue 11, item 6: 11 500 signatures naming the trusted key cost 21 s of agent CPU.
+    let mut env = signed(&good_image());
+    let one = env.signatures[0].clone();
+    env.signatures = vec![one; 11_500];
+    assert_eq!(
+        check(&serde_json::to_string(&env).expect("json"), &store()),
+        Err(ErrorCode::BadRequest)
+    );
+}
+
+#[test]
+fn a_key_id_is_tried_once_however_often_it_signs() {
+    // Within the cap: 16 signatures naming the image key, the first one broken. The key is
+    // tried once (its broken signature), so the envelope is refused as `signature_invalid`
+    // rather than verified 16 times over.
+    let mut env = signed(&good_image());
+    let mut broken = env.signatures[0].clone();
+    broken.sig[0] ^= 1;
+    let good = env.signatures[0].clone();
+    env.signatures = std::iter::once(broken)
+        .chain(std::iter::repeat_n(good, Envelope::MAX_SIGNATURES - 1))
+        .collect();
+    assert_eq!(
+        check(&serde_json::to_string(&env).expect("json"), &store()),
+        Err(ErrorCode::SignatureInvalid)
     );
 }

@@ -15,7 +15,7 @@ use vibstage_protocol::api::{
 };
 
 use super::{ApiError, ApiState};
-use crate::agent::Started;
+use crate::agent::{Agent, Started};
 
 /// Longest long-poll accepted.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -79,9 +79,18 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
 
 /// Runs signature verification (one ed25519 check per descriptor, up to the body limit) and the
 /// state writes that follow on the blocking pool, so a large image never stalls other requests.
+/// At most [`Agent::verification_slots`] run at once: the rest wait their turn here, so a burst
+/// of large signed bodies cannot take every core (issue 11, item 6).
 async fn off_worker<T: Send + 'static>(
+    agent: &Agent,
     f: impl FnOnce() -> Result<T, crate::agent::AgentError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    let _slot = agent.verification_slots().acquire().await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("verification slots closed: {e}"),
+        )
+    })?;
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(
@@ -102,7 +111,7 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let req: CheckRequest = json_body(&headers, body).await?;
     let agent = s.agent.clone();
-    let report = off_worker(move || agent.check(&req.image)).await?;
+    let report = off_worker(&s.agent, move || agent.check(&req.image)).await?;
     Ok(Json(report).into_response())
 }
 
@@ -134,7 +143,7 @@ async fn lifecycle(
     let req: StageRequest = json_body(&headers, body).await?;
     let agent = s.agent.clone();
     Ok(started(
-        off_worker(move || agent.start(kind, req.image, req.depot)).await?,
+        off_worker(&s.agent, move || agent.start(kind, req.image, req.depot)).await?,
     ))
 }
 
