@@ -30,7 +30,7 @@
 //! `VIBSTAGE_CRASH_ITERATIONS` sets the number of killed iterations (default 4, a few seconds;
 //! the long run is 200, see RELIABILITY.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -86,7 +86,7 @@ fn generation(world: &World, n: u64) -> Generation {
         version: version.clone(),
         ..VibFile::software(&format!("{name}-{n}"), size)
     };
-    let hexes = world.add_vibs(&[
+    let mut hexes = world.add_vibs(&[
         software("esx-base", 700_001 + n as usize),
         software("esx-ui", 300_007),
         software("vsan", 450_011),
@@ -95,10 +95,25 @@ fn generation(world: &World, n: u64) -> Generation {
             ..VibFile::firmware(&format!("bios-{n}"), "dell", 200_003)
         },
     ]);
+    // A component every generation keeps unchanged: staged once, with the first image, then
+    // installed, so later remediations never stage it and the built-in installer must carry it
+    // from bank to bank (issue 11, item 2).
+    let tools = world.add_vibs(&[VibFile {
+        component: "Tools".into(),
+        version: "1.0".into(),
+        ..VibFile::software("vmtools", 100_003)
+    }]);
+    if n == 1 {
+        hexes.extend(tools);
+    }
     let image = world.image(
         "esx-crash",
         n,
-        &[&format!("ESXi={version}"), &format!("BIOS=2.{n}")],
+        &[
+            &format!("ESXi={version}"),
+            &format!("BIOS=2.{n}"),
+            "Tools=1.0",
+        ],
     );
     let digest = format!("sha256:{}", Digest::of(&image.payload).to_hex());
     Generation {
@@ -199,6 +214,19 @@ fn check_down(agent: &AgentProc, world: &World) -> usize {
     }
     let bank = agent.state_dir.join("bootbank/current");
     if let Ok(entries) = std::fs::read_dir(&bank) {
+        // The bank holds exactly the VIBs its manifest lists, no fewer (issue 11, item 2: an
+        // upgrade dropped the unchanged ones) and no more.
+        let manifest: Value = serde_json::from_slice(
+            &std::fs::read(bank.join("manifest.json")).expect("a bank without a manifest"),
+        )
+        .expect("torn bank manifest");
+        let listed: BTreeSet<String> = manifest["vibs"]
+            .as_array()
+            .expect("manifest vibs")
+            .iter()
+            .map(|v| v.as_str().expect("digest").to_owned())
+            .collect();
+        let mut present = BTreeSet::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(hex) = name
@@ -214,8 +242,10 @@ fn check_down(agent: &AgentProc, world: &World) -> usize {
                 hex,
                 "installed file {name} holds wrong bytes"
             );
+            present.insert(hex);
             checked += 1;
         }
+        assert_eq!(present, listed, "the bank's files are not what its manifest lists");
     }
     checked
 }
