@@ -16,6 +16,7 @@
 //! | P4 recovery and scrub | [`p4`] |
 //! | P5 fan-out | [`p5`] |
 //! | P6 API | [`p6`] with the load generator [`loadgen`] |
+//! | S1 a hostile signed envelope refused | [`s1`] |
 //!
 //! Quick mode ([`Sizes::quick`]) runs every figure with small sizes so that a test can run the
 //! whole harness; it measures the same things but its numbers mean nothing.
@@ -30,6 +31,7 @@ pub mod p4;
 pub mod p5;
 pub mod p6;
 pub mod report;
+pub mod s1;
 pub mod setup;
 pub mod tools;
 
@@ -188,6 +190,8 @@ pub enum Figure {
     P5,
     /// Status requests per second and p99 over mTLS keep-alive.
     P6,
+    /// A hostile envelope of thousands of signatures, refused.
+    S1,
 }
 
 /// Where the benchmark works and what it runs.
@@ -242,6 +246,9 @@ pub fn run(
     }
     if figures.contains(&Figure::P6) {
         rows.extend(p6::run(&env, sizes, log)?);
+    }
+    if figures.contains(&Figure::S1) {
+        rows.extend(s1::run(&env, sizes, log)?);
     }
     env.finish(log);
     Ok(rows)

@@ -245,7 +245,10 @@ fn check_down(agent: &AgentProc, world: &World) -> usize {
             present.insert(hex);
             checked += 1;
         }
-        assert_eq!(present, listed, "the bank's files are not what its manifest lists");
+        assert_eq!(
+            present, listed,
+            "the bank's files are not what its manifest lists"
+        );
     }
     checked
 }
