@@ -6,6 +6,7 @@
 
 mod error;
 mod handlers;
+mod long_poll;
 
 use std::sync::{Arc, RwLock};
 
@@ -104,6 +105,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::Extension(long_poll::LongPolls::default()))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
