@@ -19,6 +19,7 @@ use http::Method;
 use vibstage_protocol::ErrorCode;
 
 pub use error::ApiError;
+pub use long_poll::PER_CLIENT as LONG_POLLS_PER_CLIENT;
 
 use crate::agent::Agent;
 
