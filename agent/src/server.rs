@@ -240,7 +240,10 @@ where
     if stopping {
         std::pin::Pin::new(&mut connection).graceful_shutdown();
         let finish = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx));
-        if tokio::time::timeout(Duration::from_secs(5), finish).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), finish)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -254,7 +257,10 @@ where
 /// reset instead, and the client could lose the answer it had not read yet.
 async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
-    if tokio::time::timeout_at(deadline, io.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(deadline, io.shutdown())
+        .await
+        .is_err()
+    {
         return;
     }
     let mut buf = vec![0u8; 64 << 10];

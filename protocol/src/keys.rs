@@ -84,11 +84,10 @@ pub fn signing_key_to_pem(key: &SigningKey) -> Result<String, KeyError> {
 
 /// SPKI PEM text of a public key.
 pub fn verifying_key_to_pem(key: &VerifyingKey) -> Result<String, KeyError> {
-    key.to_public_key_pem(LineEnding::LF)
-        .map_err(|e| KeyError {
-            kind: PUBLIC,
-            detail: e.to_string(),
-        })
+    key.to_public_key_pem(LineEnding::LF).map_err(|e| KeyError {
+        kind: PUBLIC,
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -108,14 +107,17 @@ mod tests {
         // SEQUENCE { INTEGER 0 (v1), AlgorithmIdentifier, OCTET STRING }: 48 bytes, no [1] public key.
         assert_eq!(bytes.len(), 48, "{bytes:02x?}");
         assert_eq!(&bytes[2..5], &[0x02, 0x01, 0x00], "version must be v1 (0)");
-        assert_eq!(signing_key_from_pem(&pem).expect("v1").to_bytes(), k.to_bytes());
+        assert_eq!(
+            signing_key_from_pem(&pem).expect("v1").to_bytes(),
+            k.to_bytes()
+        );
 
-        let v2 = k
-            .to_pkcs8_pem(LineEnding::LF)
-            .expect("v2 pem")
-            .to_string();
+        let v2 = k.to_pkcs8_pem(LineEnding::LF).expect("v2 pem").to_string();
         assert_ne!(v2, pem);
-        assert_eq!(signing_key_from_pem(&v2).expect("v2").to_bytes(), k.to_bytes());
+        assert_eq!(
+            signing_key_from_pem(&v2).expect("v2").to_bytes(),
+            k.to_bytes()
+        );
     }
 
     #[test]

@@ -581,8 +581,14 @@ fn an_oversized_body_gets_its_413_answer_not_a_connection_reset() {
         )
         .unwrap_or_else(|e| panic!("round {round}, unix socket: {e}"));
         expect_error(&local, 413, "bad_request");
-        let remote = tls_request(config.clone(), &agent.addr(), "POST", "/v1/stage", Some(&body))
-            .unwrap_or_else(|e| panic!("round {round}, mTLS: {e}"));
+        let remote = tls_request(
+            config.clone(),
+            &agent.addr(),
+            "POST",
+            "/v1/stage",
+            Some(&body),
+        )
+        .unwrap_or_else(|e| panic!("round {round}, mTLS: {e}"));
         expect_error(&remote, 413, "bad_request");
     }
     // The agent still serves.

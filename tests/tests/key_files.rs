@@ -85,14 +85,22 @@ fn every_private_key_vibstagectl_writes_loads_in_openssl_and_python_cryptography
     ok(&run(&ctl, &["keygen", "--out", s(&prefix)]), "keygen");
     let certs = dir.path().join("certs");
     ok(
-        &run(&ctl, &["certs", "init", "--dir", s(&certs), "--host", "esx1"]),
+        &run(
+            &ctl,
+            &["certs", "init", "--dir", s(&certs), "--host", "esx1"],
+        ),
         "certs init",
     );
     let demo = dir.path().join("demo");
     ok(&run(&ctl, &["demo", "--dir", s(&demo)]), "demo");
 
     let keys = files_ending(dir.path(), ".key");
-    for expected in ["keys/image.key", "certs/ca.key", "certs/esx1.key", "certs/client.key"] {
+    for expected in [
+        "keys/image.key",
+        "certs/ca.key",
+        "certs/esx1.key",
+        "certs/client.key",
+    ] {
         assert!(
             keys.contains(&dir.path().join(expected)),
             "{expected} missing from {keys:?}"
@@ -108,12 +116,19 @@ fn every_private_key_vibstagectl_writes_loads_in_openssl_and_python_cryptography
             .args(["pkey", "-pubin", "-noout", "-in", s(&public)])
             .output()
             .expect("openssl");
-        ok(&out, &format!("openssl pkey -pubin -in {}", public.display()));
+        ok(
+            &out,
+            &format!("openssl pkey -pubin -in {}", public.display()),
+        );
     }
     eprintln!(
         "{} private keys loaded by openssl{}",
         keys.len(),
-        if python { " and python cryptography" } else { "" }
+        if python {
+            " and python cryptography"
+        } else {
+            ""
+        }
     );
 }
 
@@ -147,7 +162,10 @@ fn development_certificates_live_at_most_397_days_backdate_included() {
     let ctl = vibstagectl();
     let default = dir.path().join("default");
     ok(
-        &run(&ctl, &["certs", "init", "--dir", s(&default), "--host", "esx1"]),
+        &run(
+            &ctl,
+            &["certs", "init", "--dir", s(&default), "--host", "esx1"],
+        ),
         "certs init",
     );
     let now = time::OffsetDateTime::now_utc();
@@ -164,7 +182,16 @@ fn development_certificates_live_at_most_397_days_backdate_included() {
     ok(
         &run(
             &ctl,
-            &["certs", "init", "--dir", s(&short), "--host", "esx1", "--days", "30"],
+            &[
+                "certs",
+                "init",
+                "--dir",
+                s(&short),
+                "--host",
+                "esx1",
+                "--days",
+                "30",
+            ],
         ),
         "certs init --days 30",
     );
@@ -177,7 +204,10 @@ fn check_config_with_image_key(pem: &str) -> Output {
     let world = World::new();
     let agent = world.agent("esx-01", AgentOptions::default());
     std::fs::write(world.dir.path().join("image.pub"), pem).expect("write key");
-    run(&vibstaged(), &["--config", s(&agent.config), "--check-config"])
+    run(
+        &vibstaged(),
+        &["--config", s(&agent.config), "--check-config"],
+    )
 }
 
 fn public_pem(seed: u8) -> String {

@@ -341,19 +341,22 @@ fn package_builds_installs_runs_upgrades_over_itself_and_purges() {
             .lines()
             .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
             .collect();
-        println!("lintian {}: {} errors and warnings", deb.display(), tags.len());
-        assert!(tags.is_empty(), "{}", describe("lintian", &out));
-        assert!(
-            out.status.success(),
-            "{}",
-            describe("lintian", &out)
+        println!(
+            "lintian {}: {} errors and warnings",
+            deb.display(),
+            tags.len()
         );
+        assert!(tags.is_empty(), "{}", describe("lintian", &out));
+        assert!(out.status.success(), "{}", describe("lintian", &out));
     } else {
         println!("lintian is not installed: the package was not linted");
     }
     // The binaries are fully stripped: no symbol table, no debug sections.
     let extracted = tempfile::tempdir().expect("tempdir");
-    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(extracted.path()));
+    ok(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(extracted.path()));
     for b in ["vibstaged", "vibstagectl"] {
         let path = extracted.path().join("usr/bin").join(b);
         let headers = ok(Command::new("objdump").arg("-h").arg(&path));

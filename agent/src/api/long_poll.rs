@@ -99,7 +99,11 @@ mod tests {
     fn long_polls_are_capped_per_client_for_readers_and_in_total() {
         let polls = LongPolls::default();
         let a: Vec<Held> = (0..PER_CLIENT)
-            .map(|_| polls.enter(&remote("a"), Role::Reader).expect("under the cap"))
+            .map(|_| {
+                polls
+                    .enter(&remote("a"), Role::Reader)
+                    .expect("under the cap")
+            })
             .collect();
         assert!(polls.enter(&remote("a"), Role::Reader).is_none());
         // Another client is not affected by a's share.
@@ -124,8 +128,16 @@ mod tests {
             .map_while(|i| polls.enter(&remote(&format!("o{}", i / PER_CLIENT)), Role::Operator))
             .collect();
         assert_eq!(readers.len() + operators.len(), TOTAL);
-        assert!(polls.enter(&Peer::Local { uid: 0 }, Role::Operator).is_none());
+        assert!(
+            polls
+                .enter(&Peer::Local { uid: 0 }, Role::Operator)
+                .is_none()
+        );
         drop(operators);
-        assert!(polls.enter(&Peer::Local { uid: 0 }, Role::Operator).is_some());
+        assert!(
+            polls
+                .enter(&Peer::Local { uid: 0 }, Role::Operator)
+                .is_some()
+        );
     }
 }
