@@ -140,7 +140,7 @@ fn dates(cert: &Path) -> (time::OffsetDateTime, time::OffsetDateTime) {
         .expect("openssl");
     ok(&out, "openssl x509");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let format = time::format_description::parse(
+    let format = time::format_description::parse_borrowed::<2>(
         "[month repr:short] [day padding:space] [hour]:[minute]:[second] [year] GMT",
     )
     .expect("format");
