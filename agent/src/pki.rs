@@ -24,9 +24,12 @@ use time::{Duration, OffsetDateTime};
 /// Common-name prefix of development CAs.
 pub const CA_NAME_PREFIX: &str = "vibstage development CA";
 
-/// How long `certs init` certificates are valid: 825 days, the longest lifetime browsers and
-/// most TLS stacks accept for a server certificate.
-pub const DEFAULT_VALIDITY_DAYS: i64 = 825;
+/// How long `certs init` certificates live, backdating included (SPEC §3): 397 days, the
+/// longest lifetime browsers and Apple's TLS stack accept for a server certificate.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 397;
+
+/// How far before "now" a certificate starts, for clock skew between controller and hosts.
+const BACKDATE: Duration = Duration::hours(1);
 
 /// Why certificate material could not be made or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -75,12 +78,18 @@ pub struct Validity {
 }
 
 impl Validity {
-    /// The `certs init` period: from an hour before `now` (clock skew between controller and
-    /// hosts) to [`DEFAULT_VALIDITY_DAYS`] after it.
+    /// The `certs init` period: [`DEFAULT_VALIDITY_DAYS`] from an hour before `now`.
     pub fn standard(now: OffsetDateTime) -> Self {
+        Self::lasting(now, DEFAULT_VALIDITY_DAYS)
+    }
+
+    /// `days` days in all, starting an hour before `now` (clock skew between controller and
+    /// hosts): the backdate counts against the lifetime, it does not extend it.
+    pub fn lasting(now: OffsetDateTime, days: u32) -> Self {
+        let not_before = now - BACKDATE;
         Self {
-            not_before: now - Duration::hours(1),
-            not_after: now + Duration::days(DEFAULT_VALIDITY_DAYS),
+            not_before,
+            not_after: not_before + Duration::days(i64::from(days)),
         }
     }
 }
@@ -408,6 +417,15 @@ mod tests {
         let other = DevCa::generate(Validity::standard(now)).expect("other");
         assert!(DevCa::from_pem(ca.cert_pem(), &other.key_pem()).is_err());
         assert!(DevCa::from_pem(&client.cert_pem, &client.key_pem).is_err());
+    }
+
+    #[test]
+    fn standard_validity_is_at_most_397_days_backdate_included() {
+        let now = OffsetDateTime::now_utc();
+        let v = Validity::standard(now);
+        assert!(v.not_after - v.not_before <= Duration::days(397));
+        assert!(v.not_before < now);
+        assert!(v.not_after > now + Duration::days(396));
     }
 
     #[test]

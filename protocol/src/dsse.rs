@@ -6,7 +6,6 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
@@ -106,48 +105,11 @@ pub fn key_id(key: &VerifyingKey) -> KeyId {
     KeyId::of_public_key(key.as_bytes())
 }
 
-/// Why a key file could not be used.
-#[derive(Debug, thiserror::Error)]
-#[error("not an ed25519 {kind} key in PEM ({detail})")]
-pub struct KeyError {
-    kind: &'static str,
-    detail: String,
-}
-
-/// Parses a PKCS#8 PEM private key.
-pub fn signing_key_from_pem(pem: &str) -> Result<SigningKey, KeyError> {
-    SigningKey::from_pkcs8_pem(pem).map_err(|e| KeyError {
-        kind: "private (PKCS#8)",
-        detail: e.to_string(),
-    })
-}
-
-/// Parses an SPKI PEM public key.
-pub fn verifying_key_from_pem(pem: &str) -> Result<VerifyingKey, KeyError> {
-    VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError {
-        kind: "public (SPKI)",
-        detail: e.to_string(),
-    })
-}
-
-/// PKCS#8 PEM text of a private key.
-pub fn signing_key_to_pem(key: &SigningKey) -> Result<String, KeyError> {
-    key.to_pkcs8_pem(Default::default())
-        .map(|s| s.to_string())
-        .map_err(|e| KeyError {
-            kind: "private (PKCS#8)",
-            detail: e.to_string(),
-        })
-}
-
-/// SPKI PEM text of a public key.
-pub fn verifying_key_to_pem(key: &VerifyingKey) -> Result<String, KeyError> {
-    key.to_public_key_pem(Default::default())
-        .map_err(|e| KeyError {
-            kind: "public (SPKI)",
-            detail: e.to_string(),
-        })
-}
+// Key files live in `crate::keys`; re-exported here for existing callers.
+pub use crate::keys::{
+    KeyError, signing_key_from_pem, signing_key_to_pem, verifying_key_from_pem,
+    verifying_key_to_pem,
+};
 
 mod b64 {
     use super::*;

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod dsse;
 pub mod error;
+pub mod keys;
 pub mod model;
 pub mod trust;
 pub mod types;

@@ -678,15 +678,9 @@ pub fn http_exchange<S: Read + Write>(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    if let Err(e) = stream.write_all(req.as_bytes()) {
-        // A server may answer (413) and close before reading a large body; read what it said.
-        if !matches!(
-            e.kind(),
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-        ) {
-            return Err(e);
-        }
-    }
+    // Strict on purpose: the agent reads (or drains) a whole request before it closes, so a
+    // write error or a reset means an answer could be lost (issue 11).
+    stream.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
     match stream.read_to_end(&mut raw) {
         Ok(_) => {}

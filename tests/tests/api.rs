@@ -556,3 +556,41 @@ fn sd_notify_ready_watchdog_and_stopping_reach_the_notify_socket() {
         }
     }
 }
+
+/// Issue 11: the agent answered 413 before reading an oversized body and closed the connection
+/// with the rest of the body unread, so the client often got "Connection reset by peer" instead
+/// of the answer. The agent now half-closes and drains (lingering close): the client's whole
+/// write succeeds and it reads the 413 with its error body, every time, on both listeners.
+#[test]
+fn an_oversized_body_gets_its_413_answer_not_a_connection_reset() {
+    let world = staged_world();
+    let mut agent = world.agent("esx-01", AgentOptions::default());
+    agent.start();
+    // 6 MiB: 2 MiB more than the limit, far more than the socket buffers hold.
+    let body = json!({"depot": "x".repeat(6 << 20)});
+    let text = body.to_string();
+    let config = client_config(&world.tls_dir);
+    for round in 0..5 {
+        let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect");
+        let local = vibstage_e2e::agent::http_exchange(
+            &mut s,
+            "POST",
+            "/v1/stage",
+            Some(&text),
+            "application/json",
+        )
+        .unwrap_or_else(|e| panic!("round {round}, unix socket: {e}"));
+        expect_error(&local, 413, "bad_request");
+        let remote = tls_request(
+            config.clone(),
+            &agent.addr(),
+            "POST",
+            "/v1/stage",
+            Some(&body),
+        )
+        .unwrap_or_else(|e| panic!("round {round}, mTLS: {e}"));
+        expect_error(&remote, 413, "bad_request");
+    }
+    // The agent still serves.
+    assert_eq!(agent.request("GET", "/healthz", None).status, 200);
+}

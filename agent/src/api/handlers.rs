@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use http::{HeaderMap, StatusCode, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -14,7 +14,8 @@ use vibstage_protocol::api::{
     CheckRequest, StageRequest, StagedList, TaskKind, TaskList, TaskResponse,
 };
 
-use super::{ApiError, ApiState};
+use super::long_poll::LongPolls;
+use super::{ApiError, ApiState, Peer};
 use crate::agent::{Agent, Started};
 
 /// Longest long-poll accepted.
@@ -176,17 +177,29 @@ pub struct WaitQuery {
     wait: Option<u64>,
 }
 
+/// `GET /v1/tasks/{id}?wait=SECS`. A wait beyond the long-poll caps ([`super::long_poll`]) is
+/// answered at once with the task as it is.
 pub async fn task(
     State(s): State<ApiState>,
+    Extension(polls): Extension<LongPolls>,
+    Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
-    let task = if wait.is_zero() {
-        s.agent.tasks().get(&id)
-    } else {
-        s.agent.tasks().wait(&id, wait).await
+    let role = s
+        .access
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .role(&peer);
+    let held = match role {
+        Some(role) if !wait.is_zero() => polls.enter(&peer, role),
+        _ => None,
+    };
+    let task = match held {
+        Some(_held) => s.agent.tasks().wait(&id, wait).await,
+        None => s.agent.tasks().get(&id),
     };
     match task {
         Some(t) => Ok(Json(t).into_response()),

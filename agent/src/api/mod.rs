@@ -6,6 +6,7 @@
 
 mod error;
 mod handlers;
+mod long_poll;
 
 use std::sync::{Arc, RwLock};
 
@@ -18,6 +19,7 @@ use http::Method;
 use vibstage_protocol::ErrorCode;
 
 pub use error::ApiError;
+pub use long_poll::PER_CLIENT as LONG_POLLS_PER_CLIENT;
 
 use crate::agent::Agent;
 
@@ -104,6 +106,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(axum::Extension(long_poll::LongPolls::default()))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

@@ -51,6 +51,10 @@ pub struct InitArgs {
     /// Name (CN and DNS SAN) of the controller client certificate.
     #[arg(long, value_name = "NAME", default_value = "controller")]
     pub client_name: String,
+    /// Lifetime of the new certificates in days, counting the hour they are backdated by.
+    #[arg(long, value_name = "DAYS", default_value_t = pki::DEFAULT_VALIDITY_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
 }
 
 /// File names in DIR that a host name may not take.
@@ -127,12 +131,13 @@ fn pki_failed(e: pki::PkiError) -> CliError {
     }
 }
 
-/// Creates whatever of the CA, host and client pairs is missing in `dir`.
+/// Creates whatever of the CA, host and client pairs is missing in `dir`, new ones valid for
+/// `validity`.
 pub fn init(
     dir: &Path,
     hosts: &[String],
     client_name: &str,
-    now: OffsetDateTime,
+    validity: Validity,
 ) -> Result<InitOutcome, CliError> {
     check_name("--client-name", client_name)?;
     let mut unique: Vec<&str> = Vec::new();
@@ -148,7 +153,6 @@ pub fn init(
         }
     }
     ensure_dir(dir, 0o755)?;
-    let validity = Validity::standard(now);
 
     let (ca_cert, ca_key, ca_exists) = pair_paths(dir, "ca")?;
     let ca = if ca_exists {
@@ -223,7 +227,7 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 &init_args.dir,
                 &init_args.hosts,
                 &init_args.client_name,
-                OffsetDateTime::now_utc(),
+                Validity::lasting(OffsetDateTime::now_utc(), init_args.days),
             )?;
             if ctx.json {
                 let value = serde_json::to_value(&outcome)
@@ -264,7 +268,7 @@ mod tests {
     #[test]
     fn init_writes_everything_then_only_adds_what_is_missing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let now = OffsetDateTime::now_utc();
+        let now = Validity::standard(OffsetDateTime::now_utc());
         let first = init(dir.path(), &["esx1".into()], "controller", now).expect("init");
         assert!(first.ca.created && first.hosts[0].created && first.client.created);
         let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
@@ -288,7 +292,7 @@ mod tests {
     #[test]
     fn refuses_unsafe_and_reserved_names() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let now = OffsetDateTime::now_utc();
+        let now = Validity::standard(OffsetDateTime::now_utc());
         for bad in ["../x", "a/b", "ca", "client", "-x", "esx1:9443"] {
             let e = init(dir.path(), &[bad.into()], "controller", now).expect_err(bad);
             assert_eq!(e.exit_code(), 2, "{bad}: {e}");

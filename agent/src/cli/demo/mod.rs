@@ -211,7 +211,7 @@ impl Demo<'_> {
             &tls,
             &[HOST.to_owned(), "depot".to_owned()],
             "controller",
-            OffsetDateTime::now_utc(),
+            crate::pki::Validity::standard(OffsetDateTime::now_utc()),
         )
         .map_err(cli_failure("certs"))?;
         self.tell(
