@@ -471,11 +471,9 @@ impl Demo<'_> {
             );
             bar
         });
-        let followed = tokio::time::timeout(
-            TASK_TIMEOUT,
-            super::hosts::follow(client, task, bar.as_ref()),
-        )
-        .await;
+        let watch = super::hosts::Watch::with_bar(bar.clone());
+        let followed =
+            tokio::time::timeout(TASK_TIMEOUT, super::hosts::follow(client, task, &watch)).await;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
