@@ -228,7 +228,8 @@ impl Demo<'_> {
         self.tell("depot", vibs)?;
 
         // 4. image
-        let (created, envelope) = self.make_image(&depot_dir, &image_key.private_key)?;
+        let (created, envelope) =
+            self.make_image(&depot_dir, &image_key.private_key, &vendor_key.private_key)?;
 
         // 5. serve
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
