@@ -155,7 +155,7 @@ fn check_task_id(id: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "task id {:?} is not 1 to {MAX_TASK_ID} letters, digits, '-', '_' or '.'",
+            "task id \"{}\" is not 1 to {MAX_TASK_ID} letters, digits, '-', '_' or '.'",
             escape(id, 80)
         ))
     }
@@ -197,7 +197,7 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
     for (source, raw) in named {
         let addr: HostAddr = raw.parse().map_err(|why| {
             CliError::Usage(format!(
-                "{source}: {:?} is not HOST or HOST:PORT: {why}",
+                "{source}: \"{}\" is not HOST or HOST:PORT: {why}",
                 escape(&raw, 100)
             ))
         })?;
@@ -802,9 +802,8 @@ pub(crate) async fn follow(
             Ok(next) => {
                 if next.id != task.id {
                     return Err(ClientError::Protocol(format!(
-                        "asked about task {}, answered about task {:?}",
-                        task.id,
-                        escape(&next.id, 80)
+                        "asked about task {}, answered about task \"{}\"",
+                        task.id, next.id
                     )));
                 }
                 errors = 0;
@@ -1036,8 +1035,8 @@ pub fn task(args: TaskArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), Cl
                 .await?;
             if task.id != *id {
                 return Err(ClientError::Protocol(format!(
-                    "asked about task {id}, answered about task {:?}",
-                    escape(&task.id, 80)
+                    "asked about task {id}, answered about task \"{}\"",
+                    task.id
                 )));
             }
             let task = if wait {
