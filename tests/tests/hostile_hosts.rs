@@ -637,7 +637,7 @@ fn host_strings_and_task_ids_cannot_rewrite_urls_issue18() {
         format!("{}?x", sneaky.addr()),
     ] {
         let ran = run(
-            &args(&world, &[bad.clone()], &["status"]),
+            &args(&world, std::slice::from_ref(&bad), &["status"]),
             Duration::from_secs(30),
             None,
         );

@@ -28,14 +28,11 @@ fn is_unsafe(c: char) -> bool {
 /// much was left out.
 pub fn escape(text: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max_chars.saturating_mul(4)));
-    let mut chars = text.char_indices();
-    let mut shown = 0usize;
-    for (at, c) in chars.by_ref() {
+    for (shown, (at, c)) in text.char_indices().enumerate() {
         if shown >= max_chars {
             let _ = write!(out, "… ({} more bytes)", text.len() - at);
             return out;
         }
-        shown += 1;
         match c {
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
