@@ -3,8 +3,9 @@
 //! The binary is `fn main() -> ExitCode { vibstage::cli::main() }`. Everything else lives here:
 //! [`Cli`] is the clap grammar (global target flags plus one [`Command`] variant per subcommand),
 //! [`run`] dispatches to one file per subcommand, and [`CliError::exit_code`] is the single place
-//! where failures become the SPEC's exit codes (0 ok, 1 operation failed, 2 usage or config
-//! error, 3 unreachable or refused).
+//! where failures become the SPEC's exit codes (0 ok, 1 operation failed or cut off by
+//! `--timeout`, 2 usage or config error, 3 unreachable or refused; 130 interrupted by Ctrl-C, as
+//! shells report SIGINT).
 //!
 //! Adding a subcommand is one variant in [`Command`], one arm in [`run`] and one file exporting an
 //! `Args` struct and a `run(args, ctx, out)` function. Subcommands write their results to `out`
