@@ -16,6 +16,7 @@ pub mod demo;
 pub mod depot;
 pub mod docs;
 pub mod escape;
+mod fanout;
 pub mod hosts;
 pub mod image;
 pub mod keygen;

@@ -472,7 +472,7 @@ impl Demo<'_> {
             );
             bar
         });
-        let watch = super::hosts::Watch::with_bar(bar.clone());
+        let watch = super::fanout::Watch::with_bar(bar.clone());
         let followed =
             tokio::time::timeout(TASK_TIMEOUT, super::hosts::follow(client, task, &watch)).await;
         if let Some(bar) = bar {
