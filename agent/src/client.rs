@@ -1,14 +1,38 @@
 //! The API client `vibstagectl` uses: the local agent over its Unix socket, or remote agents over
 //! mutual TLS with the controller certificate in `--tls-dir` (`ca.pem`, `client.pem`,
 //! `client.key`). Only the CA in `ca.pem` is trusted for agents' server certificates.
+//!
+//! A host is an untrusted peer even with a certificate from the fleet's CA (issue 18): a
+//! compromised or buggy agent must not steer the controller. So the client dials only the
+//! `host:port` the operator named ([`HostAddr`], nothing else of a URL survives parsing), never
+//! follows a redirect, percent-encodes every path segment it did not write itself
+//! ([`path_segment`]), reads at most [`MAX_BODY`] bytes of any answer and gives every request a
+//! deadline. What a host says is data to check and escape, never an instruction.
 
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vibstage_protocol::ErrorCode;
 use vibstage_protocol::api::{ErrorBody, ErrorDetail};
+
+/// The most bytes of one answer body the controller reads. The largest SPEC answer (a task list
+/// or a status with notifications) is a few KiB; a body beyond this is a host misbehaving and is
+/// cut off, so a host streaming an endless body cannot grow the controller.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// Deadline of an ordinary request (everything but a long-poll): connect, send, whole answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How many characters of a non-JSON error body are kept for the operator.
+const EXCERPT_CHARS: usize = 200;
+
+/// The port an agent listens on unless the host string says otherwise (SPEC §4 `listen.tcp`).
+pub const DEFAULT_PORT: u16 = 9443;
 
 /// Why a request to an agent did not produce an answer body of the expected type.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +48,10 @@ pub enum ClientError {
         /// The error body.
         detail: ErrorDetail,
     },
+    /// The agent answered something no SPEC agent would: a redirect, an oversized body, a task
+    /// other than the one asked for. Nothing more is asked of that host.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
     /// Local setup (TLS files) is unusable.
     #[error("{0}")]
     Setup(String),
@@ -37,9 +65,166 @@ impl ClientError {
             ClientError::Api { detail, .. } => {
                 matches!(detail.code, ErrorCode::Forbidden | ErrorCode::Unauthorized)
             }
-            ClientError::Setup(_) => false,
+            ClientError::Protocol(_) | ClientError::Setup(_) => false,
         }
     }
+
+    /// Whether asking again later may help: the host was unreachable or answered 5xx. A
+    /// protocol violation or a 4xx will not change by asking again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable(_) => true,
+            ClientError::Api { status, .. } => *status >= 500,
+            ClientError::Protocol(_) | ClientError::Setup(_) => false,
+        }
+    }
+
+    /// The short code shown to the operator and in `--json`.
+    pub fn code(&self) -> String {
+        match self {
+            ClientError::Api { detail, .. } => detail.code.as_str().to_owned(),
+            ClientError::Unreachable(_) => "unreachable".into(),
+            ClientError::Protocol(_) => "protocol_violation".into(),
+            ClientError::Setup(_) => "setup".into(),
+        }
+    }
+
+    /// The message without the code.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Api { detail, .. } => detail.message.clone(),
+            ClientError::Unreachable(m) | ClientError::Protocol(m) | ClientError::Setup(m) => {
+                m.clone()
+            }
+        }
+    }
+}
+
+/// A remote agent as the operator named it: a host (DNS name, IPv4 or IPv6 address) and a port,
+/// nothing else. `esx01`, `esx01:9443`, `10.0.0.1`, `[fd00::1]:9443` and a bare `fd00::1` parse;
+/// anything with a user, a path, a query, a fragment or a character no host name has is refused,
+/// so a hosts-file line can never turn one request into another.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostAddr {
+    /// The host, lowercased, without brackets.
+    host: String,
+    /// The TCP port.
+    port: u16,
+}
+
+impl HostAddr {
+    /// `host:port`, IPv6 in brackets: what goes into the URL and identifies duplicates.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.authority())
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("port {s:?} is not a number from 1 to 65535"));
+    }
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("port {s:?} is not a number from 1 to 65535")),
+    }
+}
+
+fn check_dns_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("a host name is 1 to 253 characters".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+    {
+        return Err(format!(
+            "{c:?} cannot appear in a host name (expected HOST or HOST:PORT, IPv6 in brackets)"
+        ));
+    }
+    let labels = s.strip_suffix('.').unwrap_or(s);
+    for label in labels.split('.') {
+        if label.is_empty() || label.len() > 63 || label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("{label:?} is not a valid label of a host name"));
+        }
+    }
+    Ok(())
+}
+
+impl FromStr for HostAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix('[') {
+            let (inside, after) = rest
+                .split_once(']')
+                .ok_or_else(|| "an IPv6 address opened with [ is not closed".to_owned())?;
+            let ip: Ipv6Addr = inside
+                .parse()
+                .map_err(|_| format!("{inside:?} is not an IPv6 address"))?;
+            let port = match after {
+                "" => DEFAULT_PORT,
+                p => parse_port(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("unexpected {p:?} after the IPv6 address"))?,
+                )?,
+            };
+            return Ok(HostAddr {
+                host: ip.to_string(),
+                port,
+            });
+        }
+        if let Ok(ip) = s.parse::<Ipv6Addr>() {
+            return Ok(HostAddr {
+                host: ip.to_string(),
+                port: DEFAULT_PORT,
+            });
+        }
+        let (host, port) = match s.split_once(':') {
+            Some((h, p)) => (h, parse_port(p)?),
+            None => (s, DEFAULT_PORT),
+        };
+        if host.parse::<Ipv4Addr>().is_err() {
+            check_dns_name(host)?;
+        }
+        Ok(HostAddr {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// `segment` percent-encoded for use as one path segment: everything but unreserved characters
+/// is encoded, and `.`/`..` (which URL parsers resolve even when encoded) are refused by the
+/// callers' id checks before they get here.
+pub fn path_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// At most [`EXCERPT_CHARS`] characters of a body, for an error message (escaped when printed).
+fn excerpt(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(EXCERPT_CHARS * 4)]);
+    let mut short: String = text.chars().take(EXCERPT_CHARS).collect();
+    if short.len() < bytes.len() {
+        short.push_str(&format!("… ({} bytes in all)", bytes.len()));
+    }
+    short
 }
 
 /// A client bound to one agent.
@@ -67,6 +252,7 @@ impl AgentClient {
     pub fn local(socket: &Path) -> Result<AgentClient, ClientError> {
         let client = reqwest::Client::builder()
             .unix_socket(socket)
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Setup(chain(&e)))?;
@@ -77,11 +263,11 @@ impl AgentClient {
         })
     }
 
-    /// A remote agent `host[:port]` over mutual TLS with the files in `tls_dir`.
-    pub fn remote(host: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
-        let read = |name: &str| {
-            std::fs::read(tls_dir.join(name)).map_err(|e| {
-                ClientError::Setup(format!("cannot read {}: {e}", tls_dir.join(name).display()))
+    /// A remote agent at `addr` over mutual TLS with the files in `tls_dir`, shown as `name`.
+    pub fn remote(addr: &HostAddr, name: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
+        let read = |file: &str| {
+            std::fs::read(tls_dir.join(file)).map_err(|e| {
+                ClientError::Setup(format!("cannot read {}: {e}", tls_dir.join(file).display()))
             })
         };
         let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)
@@ -94,51 +280,65 @@ impl AgentClient {
             .tls_certs_only(ca)
             .identity(identity)
             .https_only(true)
+            // A redirect would carry the signed image and our certificate to a place the
+            // operator never named (issue 18, item 1): a 3xx is an answer, not an instruction.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Setup(chain(&e)))?;
-        let authority = if host.starts_with('[') || host.matches(':').count() == 1 {
-            if host
-                .rsplit_once(':')
-                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            {
-                host.to_owned()
-            } else {
-                format!("{host}:9443")
-            }
-        } else if host.contains(':') {
-            format!("[{host}]:9443")
-        } else {
-            format!("{host}:9443")
-        };
         Ok(AgentClient {
             client,
-            base: format!("https://{authority}"),
-            name: host.to_owned(),
+            base: format!("https://{}", addr.authority()),
+            name: name.to_owned(),
         })
     }
 
     async fn send<T: DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
+        timeout: Duration,
     ) -> Result<(u16, T), ClientError> {
-        let response = request
-            .timeout(Duration::from_secs(330))
+        let mut response = request
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| ClientError::Unreachable(chain(&e)))?;
         let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
+        if response.status().is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|l| excerpt(l.as_bytes()))
+                .unwrap_or_default();
+            return Err(ClientError::Protocol(format!(
+                "answered HTTP {status} redirecting to {location:?}; the controller never follows redirects"
+            )));
+        }
+        if let Some(len) = response.content_length().filter(|&l| l > MAX_BODY as u64) {
+            return Err(ClientError::Protocol(format!(
+                "announced an answer of {len} bytes, more than the {MAX_BODY}-byte limit; not read"
+            )));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| ClientError::Unreachable(chain(&e)))?;
+            .map_err(|e| ClientError::Unreachable(chain(&e)))?
+        {
+            if bytes.len().saturating_add(chunk.len()) > MAX_BODY {
+                return Err(ClientError::Protocol(format!(
+                    "answer body exceeds the {MAX_BODY}-byte limit; stopped reading it"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if status >= 400 {
             let detail = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| {
                     ErrorDetail::new(
                         ErrorCode::Internal,
-                        format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
+                        format!("HTTP {status}: {}", excerpt(&bytes)),
                     )
                 });
             return Err(ClientError::Api { status, detail });
@@ -147,13 +347,25 @@ impl AgentClient {
             .map(|v| (status, v))
             .map_err(|e| ClientError::Api {
                 status,
-                detail: ErrorDetail::new(ErrorCode::Internal, format!("unexpected answer: {e}")),
+                detail: ErrorDetail::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer ({e}): {}", excerpt(&bytes)),
+                ),
             })
     }
 
     /// GET `path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.client.get(format!("{}{path}", self.base)))
+        self.get_within(path, REQUEST_TIMEOUT).await
+    }
+
+    /// GET `path` with a deadline of `timeout` (a long-poll's wait plus a margin).
+    pub async fn get_within<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        self.send(self.client.get(format!("{}{path}", self.base)), timeout)
             .await
             .map(|(_, v)| v)
     }
@@ -164,14 +376,76 @@ impl AgentClient {
         path: &str,
         body: &B,
     ) -> Result<(u16, T), ClientError> {
-        self.send(self.client.post(format!("{}{path}", self.base)).json(body))
-            .await
+        self.send(
+            self.client.post(format!("{}{path}", self.base)).json(body),
+            REQUEST_TIMEOUT,
+        )
+        .await
     }
 
     /// DELETE `path`.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send(self.client.delete(format!("{}{path}", self.base)))
-            .await
-            .map(|(_, v)| v)
+        self.send(
+            self.client.delete(format!("{}{path}", self.base)),
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map(|(_, v)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<String, String> {
+        s.parse::<HostAddr>().map(|h| h.authority())
+    }
+
+    #[test]
+    fn hosts_parse_into_host_and_port_only() {
+        assert_eq!(parse("esx01").as_deref(), Ok("esx01:9443"));
+        assert_eq!(parse("ESX01.lab:1234").as_deref(), Ok("esx01.lab:1234"));
+        assert_eq!(parse("10.0.0.1").as_deref(), Ok("10.0.0.1:9443"));
+        assert_eq!(parse("[fd00::1]:8443").as_deref(), Ok("[fd00::1]:8443"));
+        assert_eq!(parse("[::1]").as_deref(), Ok("[::1]:9443"));
+        assert_eq!(parse("fd00::1").as_deref(), Ok("[fd00::1]:9443"));
+        for bad in [
+            "esx01/v1/remediate#",
+            "user@host",
+            "/path?q",
+            "host:",
+            "host:0",
+            "host:+1",
+            "host:70000",
+            "host:1:2",
+            "[fd00::1",
+            "[fd00::1]x",
+            "[nothost]:1",
+            "",
+            "-a.b",
+            "a..b",
+            "host name",
+            "hóst",
+            "esx01#x",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(path_segment("0123abcd"), "0123abcd");
+        assert_eq!(path_segment("../status#"), "..%2Fstatus%23");
+        assert_eq!(path_segment("a?b c"), "a%3Fb%20c");
+    }
+
+    #[test]
+    fn excerpts_are_short() {
+        let long = vec![b'x'; 100_000];
+        let e = excerpt(&long);
+        assert!(e.len() < 300, "{e}");
+        assert!(e.ends_with("(100000 bytes in all)"), "{e}");
+        assert_eq!(excerpt(b"short"), "short");
     }
 }

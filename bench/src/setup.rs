@@ -287,6 +287,7 @@ impl Env {
                     version: Version("1.0".into()),
                 }],
             },
+            &[self.vendor_key.verifying_key()],
             now,
         )
         .map_err(|e| BenchError::Setup(format!("image create {name}: {e}")))?;

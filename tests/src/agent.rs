@@ -253,6 +253,7 @@ impl World {
             &self.depot_dir,
             &self.image_key,
             &spec,
+            &[self.vendor_key.verifying_key()],
             OffsetDateTime::now_utc() - time::Duration::days(1),
         )
         .expect("image create");

@@ -1,20 +1,49 @@
 //! The host subcommands (`status`, `check`, `stage`, `remediate`, `staged`, `tasks`, `task`):
-//! one request per target, fanned out in parallel (R3) with `--parallel N` as the bound, a
-//! progress bar per host while waiting when stdout is a terminal, and a summary at the end.
-//! `remediate` goes one host at a time by default and stops the rollout after `--max-failures`.
+//! what each asks one agent and how its answer reads, run on every target by the fan-out
+//! (`fanout.rs`: parallel (R3) within `--parallel N`, per-host lines as hosts end, the summary,
+//! `--timeout`, Ctrl-C). `remediate` goes one host at a time by default, follows each host's
+//! task to its end before the next (so with several hosts it needs `--wait`) and stops the
+//! rollout after `--max-failures`.
+//!
+//! Hosts are untrusted (issue 18). Every host string is parsed into host and port
+//! ([`HostAddr`]) before anything is sent, and a host named twice is contacted once; a task id a
+//! host returns must look like an id and is percent-encoded into paths; polling long-polls with
+//! the agent's wait but never faster than [`MIN_POLL_INTERVAL`] and backs off on errors; a task
+//! is a success only if it says `succeeded` with no error.
 
-use std::io::{IsTerminal as _, Write};
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use vibstage_protocol::Envelope;
-use vibstage_protocol::api::{Task, TaskResponse};
+use tokio::time::Instant;
+use vibstage_protocol::api::{Task, TaskResponse, TaskState};
+use vibstage_protocol::{Envelope, Image, VibDescriptor};
 
-use super::{CliError, Context, emit, emit_json};
-use crate::client::{AgentClient, ClientError};
+use super::escape::escape;
+use super::fanout::{Facts, Outcome, Watch, fan_out, ok};
+use super::{CliError, Context};
+use crate::client::{AgentClient, ClientError, HostAddr, path_segment};
+
+/// Seconds of the agent-side long-poll (`?wait=`); the agent answers earlier when the task ends.
+const POLL_WAIT_SECS: u64 = 30;
+
+/// The deadline of one long-poll request: the wait plus room for a slow answer.
+const POLL_TIMEOUT: Duration = Duration::from_secs(POLL_WAIT_SECS + 30);
+
+/// Never poll one host faster than this, whatever it answers (issue 18, item 3).
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Polling errors in a row (unreachable, 5xx) after which a host's task is given up on.
+const MAX_POLL_ERRORS: u32 = 6;
+
+/// The longest pause between polls after errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The longest task id accepted from a host or the command line.
+const MAX_TASK_ID: usize = 128;
 
 /// `check --image FILE`.
 #[derive(Debug, clap::Args)]
@@ -33,7 +62,8 @@ pub struct LifecycleArgs {
     /// Base URL of the depot the agents fetch from.
     #[arg(long, value_name = "URL")]
     pub depot: String,
-    /// Wait for the task to end and report its result.
+    /// Wait for the task to end and report its result (required by `remediate` with several
+    /// hosts, which finishes each host before it starts the next).
     #[arg(long)]
     pub wait: bool,
     /// (remediate) Stop the rollout after this many failed hosts.
@@ -69,34 +99,49 @@ pub struct TaskArgs {
     pub wait: bool,
 }
 
-/// What one host's operation produced.
-struct Outcome {
-    line: String,
-    json: Value,
-    failed: bool,
-}
-
-fn ok(line: String, json: Value) -> Outcome {
-    Outcome {
-        line,
-        json,
-        failed: false,
+/// Refuses task ids that are not plain ids: a host could otherwise steer later requests with an
+/// id such as `../status#` (issue 18, item 7).
+fn check_task_id(id: &str) -> Result<(), String> {
+    let plain = !id.is_empty()
+        && id.len() <= MAX_TASK_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id.bytes().any(|b| b != b'.');
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "task id \"{}\" is not 1 to {MAX_TASK_ID} letters, digits, '-', '_' or '.'",
+            escape(id, 80)
+        ))
     }
 }
 
+/// The targets: the local socket, or every `--host` and `--hosts` line parsed into host and
+/// port. A line that is not a host is a usage error naming its line; a host named twice is
+/// contacted once, with a warning.
 fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
-    let mut hosts = ctx.target.host.clone();
+    let mut named: Vec<(String, String)> = ctx
+        .target
+        .host
+        .iter()
+        .map(|h| ("--host".to_owned(), h.clone()))
+        .collect();
     if let Some(file) = &ctx.target.hosts {
         let text = super::read_config_text("hosts file", file)?;
-        hosts.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned),
-        );
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if !line.is_empty() && !line.starts_with('#') {
+                named.push((
+                    format!("{} line {}", file.display(), n + 1),
+                    line.to_owned(),
+                ));
+            }
+        }
     }
     let setup = |e: ClientError| CliError::Usage(e.to_string());
-    if hosts.is_empty() {
+    if named.is_empty() {
         let socket = ctx
             .target
             .socket
@@ -104,14 +149,32 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
             .unwrap_or_else(|| super::DEFAULT_SOCKET.into());
         return Ok(vec![AgentClient::local(&socket).map_err(setup)?]);
     }
+    let mut parsed = Vec::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (source, raw) in named {
+        let addr: HostAddr = raw.parse().map_err(|why| {
+            CliError::Usage(format!(
+                "{source}: \"{}\" is not HOST or HOST:PORT: {why}",
+                escape(&raw, 100)
+            ))
+        })?;
+        if let Some(first) = seen.get(&addr.authority()) {
+            eprintln!(
+                "warning: {source} names {addr} again (first named by {first}); it is contacted once"
+            );
+            continue;
+        }
+        seen.insert(addr.authority(), source);
+        parsed.push((addr, raw));
+    }
     let Some(tls_dir) = &ctx.target.tls_dir else {
         return Err(CliError::Usage(
             "--host/--hosts need --tls-dir DIR (ca.pem, client.pem, client.key)".into(),
         ));
     };
-    hosts
+    parsed
         .iter()
-        .map(|h| AgentClient::remote(h, tls_dir).map_err(setup))
+        .map(|(addr, raw)| AgentClient::remote(addr, raw, tls_dir).map_err(setup))
         .collect()
 }
 
@@ -121,200 +184,78 @@ fn read_image(path: &PathBuf) -> Result<Envelope, CliError> {
         .map_err(|e| CliError::config("image", path, format!("not a signed image envelope: {e}")))
 }
 
-/// Runs `op` on every target with at most `parallel` at once; `max_failures` stops starting new
-/// hosts once that many have failed. Prints the summary and maps the results to an exit code.
-fn fan_out<F, Fut>(
-    ctx: &Context,
-    out: &mut dyn Write,
-    default_parallel: Option<usize>,
-    max_failures: Option<usize>,
-    op: F,
-) -> Result<(), CliError>
-where
-    F: Fn(AgentClient, Option<ProgressBar>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Outcome, ClientError>> + Send + 'static,
-{
-    let clients = targets(ctx)?;
-    let parallel = ctx
-        .target
-        .parallel
-        .map(|n| n.get())
-        .or(default_parallel)
-        .unwrap_or(clients.len())
-        .max(1);
-    let runtime = tokio::runtime::Runtime::new()
-        .map_err(|e| CliError::io("start", "the async runtime", e))?;
-    let bars = (std::io::stdout().is_terminal() && !ctx.json).then(MultiProgress::new);
-    let results = runtime.block_on(async {
-        let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
-        let failures = Arc::new(AtomicUsize::new(0));
-        let op = Arc::new(op);
-        let mut handles = Vec::new();
-        // With several hosts, a total bar sums the hosts' bars (finished ones keep their counts).
-        let total = bars.as_ref().filter(|_| clients.len() > 1).map(|m| {
-            let total = m.add(ProgressBar::new(0));
-            total.set_style(bar_style());
-            total.set_prefix("total");
-            total
-        });
-        let mut host_bars = Vec::new();
-        for client in clients {
-            let (failures, op) = (failures.clone(), op.clone());
-            let bar = bars.as_ref().map(|m| {
-                let bar = match &total {
-                    Some(total) => m.insert_before(total, ProgressBar::new(0)),
-                    None => m.add(ProgressBar::new(0)),
-                };
-                bar.set_style(bar_style());
-                bar.set_prefix(client.name.clone());
-                host_bars.push(bar.clone());
-                bar
-            });
-            // Taking the permit here, in target order, makes `--parallel 1` go host by host in
-            // the order given.
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                break;
-            };
-            handles.push(tokio::spawn(async move {
-                let name = client.name.clone();
-                let _permit = permit;
-                if max_failures.is_some_and(|m| failures.load(Ordering::SeqCst) >= m) {
-                    return (name, None);
-                }
-                let result = op(client, bar.clone()).await;
-                if let Some(bar) = bar {
-                    bar.finish_and_clear();
-                }
-                if !matches!(&result, Ok(o) if !o.failed) {
-                    failures.fetch_add(1, Ordering::SeqCst);
-                }
-                (name, Some(result))
-            }));
-        }
-        let ticker = total.clone().map(|total| {
-            tokio::spawn(async move {
-                loop {
-                    total.set_length(host_bars.iter().filter_map(ProgressBar::length).sum());
-                    total.set_position(host_bars.iter().map(ProgressBar::position).sum());
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-            })
-        });
-        let mut results = Vec::new();
-        for h in handles {
-            if let Ok(r) = h.await {
-                results.push(r);
-            }
-        }
-        if let Some(ticker) = ticker {
-            ticker.abort();
-        }
-        if let Some(total) = total {
-            total.finish_and_clear();
-        }
-        results
-    });
-
-    let (mut refused, mut failed) = (false, false);
-    let mut report = serde_json::Map::new();
-    for (name, result) in results {
-        match result {
-            None => {
-                failed = true;
-                report.insert(
-                    name.clone(),
-                    json!({"skipped": "rollout stopped after too many failures"}),
-                );
-                if !ctx.json {
-                    emit(
-                        out,
-                        format!("{name}: skipped (rollout stopped after too many failures)"),
-                    )?;
-                }
-            }
-            Some(Ok(o)) => {
-                failed |= o.failed;
-                if !ctx.json {
-                    emit(out, format!("{name}: {}", o.line))?;
-                }
-                report.insert(name, o.json);
-            }
-            Some(Err(e)) => {
-                refused |= e.is_refusal();
-                failed = true;
-                let (code, message) = match &e {
-                    ClientError::Api { detail, .. } => {
-                        (detail.code.as_str().to_owned(), detail.message.clone())
-                    }
-                    ClientError::Unreachable(m) => ("unreachable".into(), m.clone()),
-                    ClientError::Setup(m) => ("setup".into(), m.clone()),
-                };
-                if !ctx.json {
-                    emit(out, format!("{name}: error: {code}: {message}"))?;
-                }
-                report.insert(name, json!({"error": {"code": code, "message": message}}));
-            }
-        }
-    }
-    if ctx.json {
-        emit_json(out, &Value::Object(report))?;
-    }
-    if refused {
-        Err(CliError::Unreachable {
-            target: "one or more hosts".into(),
-            message: "unreachable or refused the request".into(),
+/// The sum of the VIB sizes an image names: no honest host needs more bytes for it, so a larger
+/// `bytes_total` from a host is not believed.
+fn image_bytes(image: &Envelope) -> Option<u64> {
+    let image: Image = serde_json::from_slice(&image.payload).ok()?;
+    image
+        .components
+        .iter()
+        .flat_map(|c| &c.vibs)
+        .try_fold(0u64, |sum, vib| {
+            let d: VibDescriptor = serde_json::from_slice(&vib.payload).ok()?;
+            sum.checked_add(d.size)
         })
-    } else if failed {
-        Err(CliError::Failed {
-            code: vibstage_protocol::ErrorCode::Internal,
-            message: "the operation failed on at least one host".into(),
-        })
-    } else {
-        Ok(())
-    }
-}
-
-fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
+fn word<T: serde::Serialize>(v: &T) -> String {
+    to_json(v).as_str().unwrap_or("?").to_owned()
+}
+
+fn codes(notifications: &[vibstage_protocol::api::Notification]) -> Vec<String> {
+    notifications.iter().map(|n| n.code.clone()).collect()
+}
+
 /// `status`.
 pub fn status(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
-    fan_out(ctx, out, None, None, |client, _| async move {
-        let s: vibstage_protocol::api::HostStatus = client.get("/v1/status").await?;
-        let line = format!(
-            "{} compliance={} staged={} staging={} firmware={} persistent={} bytes={} maintenance={} installed={} scratch_free={}{}",
-            s.host_id,
-            to_json(&s.compliance.status).as_str().unwrap_or("?"),
-            s.staging.staged,
-            to_json(&s.staging.state).as_str().unwrap_or("?"),
-            to_json(&s.staging.firmware).as_str().unwrap_or("?"),
-            s.staging.persistent,
-            s.staging.bytes,
-            s.maintenance.active,
-            s.installed
-                .image
-                .as_ref()
-                .map_or("none".into(), |i| format!("{}#{}", i.name, i.serial)),
-            s.scratch.free_bytes,
-            s.running_task
-                .as_ref()
-                .map_or(String::new(), |t| format!(" task={t}")),
-        );
-        Ok(ok(line, to_json(&s)))
-    })
+    let clients = targets(ctx)?;
+    fan_out(
+        ctx,
+        out,
+        clients,
+        None,
+        None,
+        None,
+        |client, _| async move {
+            let s: vibstage_protocol::api::HostStatus = client.get("/v1/status").await?;
+            let line = format!(
+                "{} compliance={} staged={} staging={} firmware={} persistent={} bytes={} maintenance={} installed={} scratch_free={}{}",
+                s.host_id,
+                word(&s.compliance.status),
+                s.staging.staged,
+                word(&s.staging.state),
+                word(&s.staging.firmware),
+                s.staging.persistent,
+                s.staging.bytes,
+                s.maintenance.active,
+                s.installed
+                    .image
+                    .as_ref()
+                    .map_or("none".into(), |i| format!("{}#{}", i.name, i.serial)),
+                s.scratch.free_bytes,
+                s.running_task
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(" task={t}")),
+            );
+            let facts = Facts {
+                compliance: Some(word(&s.compliance.status)),
+                staged: Some(s.staging.staged),
+                notifications: codes(&s.compliance.notifications),
+            };
+            Ok(ok(line, to_json(&s), facts))
+        },
+    )
 }
 
 /// `check --image FILE`.
 pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     let image = Arc::new(read_image(&args.image)?);
-    fan_out(ctx, out, None, None, move |client, _| {
+    let clients = targets(ctx)?;
+    fan_out(ctx, out, clients, None, None, None, move |client, _| {
         let image = image.clone();
         async move {
             let (_, r): (u16, vibstage_protocol::api::ComplianceReport) = client
@@ -323,55 +264,87 @@ pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), 
             let changes: Vec<String> = r
                 .components
                 .iter()
-                .map(|c| {
-                    format!(
-                        "{} {}",
-                        c.component,
-                        to_json(&c.change).as_str().unwrap_or("?")
-                    )
-                })
+                .map(|c| format!("{} {}", c.component, word(&c.change)))
                 .collect();
             let line = format!(
                 "{} impact={} {}",
-                to_json(&r.status).as_str().unwrap_or("?"),
-                to_json(&r.impact).as_str().unwrap_or("?"),
+                word(&r.status),
+                word(&r.impact),
                 changes.join(", ")
             );
-            Ok(ok(line, to_json(&r)))
+            let facts = Facts {
+                compliance: Some(word(&r.status)),
+                staged: None,
+                notifications: codes(&r.notifications),
+            };
+            Ok(ok(line, to_json(&r), facts))
         }
     })
 }
 
-/// Follows `task` until it ends, long-polling the agent, and moves `bar` along.
+/// Follows `task` until it ends: long-polls the agent with `?wait=`, never more often than
+/// [`MIN_POLL_INTERVAL`], backs off on transient errors and gives up after
+/// [`MAX_POLL_ERRORS`] of them in a row. An answer about another task, or a task id that is not
+/// a plain id, is a protocol violation.
 pub(crate) async fn follow(
     client: &AgentClient,
     mut task: Task,
-    bar: Option<&ProgressBar>,
+    watch: &Watch,
 ) -> Result<Task, ClientError> {
+    check_task_id(&task.id).map_err(ClientError::Protocol)?;
+    watch.started(&task.id);
+    watch.progress(&task);
+    let path = format!("/v1/tasks/{}?wait={POLL_WAIT_SECS}", path_segment(&task.id));
+    let mut errors = 0u32;
     while !task.state.is_final() {
-        task = client.get(&format!("/v1/tasks/{}?wait=1", task.id)).await?;
-        if let Some(bar) = bar {
-            bar.set_length(task.progress.bytes_total);
-            bar.set_position(task.progress.bytes_done);
-            bar.set_message(task.step.clone().unwrap_or_default());
+        let asked = Instant::now();
+        match client.get_within::<Task>(&path, POLL_TIMEOUT).await {
+            Ok(next) => {
+                if next.id != task.id {
+                    return Err(ClientError::Protocol(format!(
+                        "asked about task {}, answered about task \"{}\"",
+                        task.id, next.id
+                    )));
+                }
+                errors = 0;
+                task = next;
+                watch.progress(&task);
+                if !task.state.is_final() {
+                    tokio::time::sleep_until(asked + MIN_POLL_INTERVAL).await;
+                }
+            }
+            Err(e) if e.is_transient() && errors + 1 < MAX_POLL_ERRORS => {
+                errors += 1;
+                let backoff = MIN_POLL_INTERVAL
+                    .saturating_mul(1 << errors.min(5))
+                    .min(MAX_BACKOFF);
+                tokio::time::sleep_until(asked + backoff).await;
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(task)
 }
 
+/// A task's outcome. `succeeded` counts only with no error: a host that says both is not
+/// believed.
 fn task_outcome(task: &Task) -> Outcome {
-    let failed = task.state != vibstage_protocol::api::TaskState::Succeeded;
+    let failed = task.state != TaskState::Succeeded || task.error.is_some();
     let line = match &task.error {
+        Some(e) if task.state == TaskState::Succeeded => format!(
+            "failed: task {} claims to have succeeded but reports an error: {}: {}",
+            task.id, e.code, e.message
+        ),
         Some(e) => format!(
             "{} task {}: {}: {}",
-            to_json(&task.state).as_str().unwrap_or("?"),
+            word(&task.state),
             task.id,
             e.code,
             e.message
         ),
         None => format!(
             "{} task {} ({} bytes, {} downloaded)",
-            to_json(&task.state).as_str().unwrap_or("?"),
+            word(&task.state),
             task.id,
             task.progress.bytes_total,
             task.bytes_downloaded
@@ -381,6 +354,10 @@ fn task_outcome(task: &Task) -> Outcome {
         line,
         json: to_json(task),
         failed,
+        facts: Facts {
+            notifications: codes(&task.notifications),
+            ..Facts::default()
+        },
     }
 }
 
@@ -392,8 +369,17 @@ pub fn lifecycle(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let image = Arc::new(read_image(&args.image)?);
-    let depot = Arc::new(args.depot);
+    let clients = targets(ctx)?;
     let wait = args.wait;
+    if remediate && !wait && clients.len() > 1 {
+        return Err(CliError::Usage(
+            "remediate with several hosts finishes each host before it starts the next, so it \
+             needs --wait (without it every host would enter maintenance mode at once)"
+                .into(),
+        ));
+    }
+    let max_bytes = image_bytes(&image);
+    let depot = Arc::new(args.depot);
     let path = if remediate {
         "/v1/remediate"
     } else {
@@ -404,107 +390,209 @@ pub fn lifecycle(
     } else {
         (None, None)
     };
-    fan_out(ctx, out, parallel, max_failures, move |client, bar| {
-        let (image, depot) = (image.clone(), depot.clone());
-        async move {
-            let (_, r): (u16, TaskResponse) = client
-                .post(path, &json!({"image": *image, "depot": *depot}))
-                .await?;
-            let Some(task) = r.task else {
-                let why: Vec<&str> = r.notifications.iter().map(|n| n.message.as_str()).collect();
-                return Ok(ok(
-                    format!("nothing to do: {}", why.join("; ")),
-                    to_json(&r),
-                ));
-            };
-            if !wait {
-                return Ok(ok(format!("task {} started", task.id), to_json(&task)));
+    fan_out(
+        ctx,
+        out,
+        clients,
+        parallel,
+        max_failures,
+        max_bytes,
+        move |client, watch| {
+            let (image, depot) = (image.clone(), depot.clone());
+            async move {
+                let (_, r): (u16, TaskResponse) = client
+                    .post(path, &json!({"image": *image, "depot": *depot}))
+                    .await?;
+                let Some(task) = r.task else {
+                    let why: Vec<&str> =
+                        r.notifications.iter().map(|n| n.message.as_str()).collect();
+                    let facts = Facts {
+                        notifications: codes(&r.notifications),
+                        ..Facts::default()
+                    };
+                    return Ok(ok(
+                        format!("nothing to do: {}", why.join("; ")),
+                        to_json(&r),
+                        facts,
+                    ));
+                };
+                check_task_id(&task.id).map_err(ClientError::Protocol)?;
+                if !wait {
+                    return Ok(ok(
+                        format!("task {} started", task.id),
+                        to_json(&task),
+                        Facts::default(),
+                    ));
+                }
+                let task = follow(&client, task, &watch).await?;
+                Ok(task_outcome(&task))
             }
-            let task = follow(&client, task, bar.as_ref()).await?;
-            Ok(task_outcome(&task))
-        }
-    })
+        },
+    )
 }
 
 /// `staged` and `staged rm DIGEST`.
 pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     match args.command {
-        None => fan_out(ctx, out, None, None, |client, _| async move {
-            let list: vibstage_protocol::api::StagedList = client.get("/v1/staged").await?;
-            let items: Vec<String> = list
-                .staged
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{} {}#{} {} {} bytes {}",
-                        s.image.digest,
-                        s.image.name,
-                        s.image.serial,
-                        to_json(&s.state).as_str().unwrap_or("?"),
-                        s.bytes,
-                        if s.persistent {
-                            "persistent"
-                        } else {
-                            "volatile"
-                        }
-                    )
-                })
-                .collect();
-            let line = if items.is_empty() {
-                "nothing staged".into()
-            } else {
-                items.join("; ")
-            };
-            Ok(ok(line, to_json(&list)))
-        }),
+        None => {
+            let clients = targets(ctx)?;
+            fan_out(
+                ctx,
+                out,
+                clients,
+                None,
+                None,
+                None,
+                |client, _| async move {
+                    let list: vibstage_protocol::api::StagedList = client.get("/v1/staged").await?;
+                    let items: Vec<String> = list
+                        .staged
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{} {}#{} {} {} bytes {}",
+                                s.image.digest,
+                                s.image.name,
+                                s.image.serial,
+                                word(&s.state),
+                                s.bytes,
+                                if s.persistent {
+                                    "persistent"
+                                } else {
+                                    "volatile"
+                                }
+                            )
+                        })
+                        .collect();
+                    let line = if items.is_empty() {
+                        "nothing staged".into()
+                    } else {
+                        items.join("; ")
+                    };
+                    Ok(ok(line, to_json(&list), Facts::default()))
+                },
+            )
+        }
         Some(StagedCommand::Rm { digest }) => {
             let digest: vibstage_protocol::ImageDigest = digest
                 .parse()
                 .map_err(|e| CliError::Usage(format!("{e}")))?;
-            fan_out(ctx, out, None, None, move |client, _| async move {
-                let v: Value = client.delete(&format!("/v1/staged/{digest}")).await?;
-                Ok(ok(format!("deleted {digest}"), v))
-            })
+            let clients = targets(ctx)?;
+            fan_out(
+                ctx,
+                out,
+                clients,
+                None,
+                None,
+                None,
+                move |client, _| async move {
+                    let v: Value = client
+                        .delete(&format!("/v1/staged/{}", path_segment(&digest.to_string())))
+                        .await?;
+                    Ok(ok(format!("deleted {digest}"), v, Facts::default()))
+                },
+            )
         }
     }
 }
 
 /// `tasks`.
 pub fn tasks(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
-    fan_out(ctx, out, None, None, |client, _| async move {
-        let list: vibstage_protocol::api::TaskList = client.get("/v1/tasks").await?;
-        let items: Vec<String> = list
-            .tasks
-            .iter()
-            .map(|t| {
-                format!(
-                    "{} {} {}",
-                    t.id,
-                    to_json(&t.kind).as_str().unwrap_or("?"),
-                    to_json(&t.state).as_str().unwrap_or("?")
-                )
-            })
-            .collect();
-        Ok(ok(
-            format!("{} task(s): {}", items.len(), items.join("; ")),
-            to_json(&list),
-        ))
-    })
+    let clients = targets(ctx)?;
+    fan_out(
+        ctx,
+        out,
+        clients,
+        None,
+        None,
+        None,
+        |client, _| async move {
+            let list: vibstage_protocol::api::TaskList = client.get("/v1/tasks").await?;
+            let items: Vec<String> = list
+                .tasks
+                .iter()
+                .map(|t| format!("{} {} {}", t.id, word(&t.kind), word(&t.state)))
+                .collect();
+            Ok(ok(
+                format!("{} task(s): {}", items.len(), items.join("; ")),
+                to_json(&list),
+                Facts::default(),
+            ))
+        },
+    )
 }
 
 /// `task ID [--wait]`.
 pub fn task(args: TaskArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
+    check_task_id(&args.id).map_err(CliError::Usage)?;
     let (id, wait) = (Arc::new(args.id), args.wait);
-    fan_out(ctx, out, None, None, move |client, bar| {
+    let clients = targets(ctx)?;
+    fan_out(ctx, out, clients, None, None, None, move |client, watch| {
         let id = id.clone();
         async move {
-            let task: Task = client.get(&format!("/v1/tasks/{id}")).await?;
+            let task: Task = client
+                .get(&format!("/v1/tasks/{}", path_segment(&id)))
+                .await?;
+            if task.id != *id {
+                return Err(ClientError::Protocol(format!(
+                    "asked about task {id}, answered about task \"{}\"",
+                    task.id
+                )));
+            }
             let task = if wait {
-                follow(&client, task, bar.as_ref()).await?
+                follow(&client, task, &watch).await?
             } else {
                 task
             };
             Ok(task_outcome(&task))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_must_be_plain() {
+        assert!(check_task_id("0123456789abcdef").is_ok());
+        assert!(check_task_id("task-1.2_3").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../status#",
+            "a/b",
+            "a?wait=0",
+            "a b",
+            "\u{1b}[2J",
+        ] {
+            assert!(check_task_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_task_id(&"a".repeat(MAX_TASK_ID + 1)).is_err());
+    }
+
+    #[test]
+    fn a_task_claiming_success_with_an_error_is_a_failure() {
+        let now = time::OffsetDateTime::now_utc();
+        let task = Task {
+            id: "t1".into(),
+            kind: vibstage_protocol::api::TaskKind::Stage,
+            state: TaskState::Succeeded,
+            progress: Default::default(),
+            error: Some(vibstage_protocol::api::ErrorDetail::new(
+                vibstage_protocol::ErrorCode::Internal,
+                "lie",
+            )),
+            created_at: now,
+            updated_at: now,
+            image: None,
+            bytes_downloaded: 0,
+            notifications: vec![],
+            step: None,
+        };
+        let o = task_outcome(&task);
+        assert!(o.failed);
+        assert!(o.line.starts_with("failed:"), "{}", o.line);
+    }
 }

@@ -3,8 +3,10 @@
 //!
 //! `create` reads `descriptors/*.json` of a depot, picks the descriptors of each requested
 //! `--component C=V`, and writes `images/<name>.json`: the DSSE envelope of an [`Image`] that
-//! carries those descriptor envelopes inline (SPEC §2). It does not verify the descriptors (it
-//! has no trust store); unparseable ones are skipped with a warning.
+//! carries those descriptor envelopes inline (SPEC §2). Signing an image vouches for what it
+//! carries, so with `--vib-key` every selected descriptor must carry a verifying signature by one
+//! of those keys (issue 18); without it `create` warns that it signs over descriptors it did not
+//! verify, and names any that are unsigned. Unparseable descriptors are skipped with a warning.
 //!
 //! `verify` runs [`vibstage_protocol::verify_image`] exactly as an agent would, with the given
 //! image keys, VIB keys trusted up to `certified`, the given host acceptance level, the current
@@ -125,6 +127,10 @@ pub struct CreateArgs {
     /// A component and its version, C=V; repeatable.
     #[arg(long = "component", value_name = "C=V", required = true)]
     pub components: Vec<ComponentRef>,
+    /// Public key (SPKI PEM) that must have signed every descriptor the image carries;
+    /// repeatable. Without it the descriptors are not verified (a warning says so).
+    #[arg(long = "vib-key", value_name = "PUB")]
+    pub vib_keys: Vec<PathBuf>,
 }
 
 /// Arguments of `image verify`.
@@ -229,11 +235,50 @@ fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
     Ok(found)
 }
 
-/// Builds, signs and writes `images/<name>.json` from the depot's descriptors.
+/// Refuses a descriptor that no key of `vib_keys` signed (when keys are given); warns about an
+/// unsigned one otherwise.
+fn check_descriptor(f: &Found, vib_keys: &[VerifyingKey]) -> Result<(), CliError> {
+    let what = format!("descriptor {} ({})", f.path.display(), f.descriptor.name);
+    if vib_keys.is_empty() {
+        if f.envelope.signatures.is_empty() {
+            eprintln!("warning: {what} is unsigned; agents will refuse an image carrying it");
+        }
+        return Ok(());
+    }
+    let mut claimed = false;
+    for sig in &f.envelope.signatures {
+        for k in vib_keys {
+            if key_id(k) == sig.keyid {
+                if f.envelope.signature_verifies(sig, k) {
+                    return Ok(());
+                }
+                claimed = true;
+            }
+        }
+    }
+    Err(CliError::Failed {
+        code: if claimed {
+            ErrorCode::SignatureInvalid
+        } else {
+            ErrorCode::UntrustedKey
+        },
+        message: if claimed {
+            format!(
+                "{what}: its signature by a --vib-key does not verify; not signing an image over it"
+            )
+        } else {
+            format!("{what} is not signed by any --vib-key; not signing an image over it")
+        },
+    })
+}
+
+/// Builds, signs and writes `images/<name>.json` from the depot's descriptors. With `vib_keys`,
+/// every descriptor must be signed by one of them; without, a warning says nothing was verified.
 pub fn create(
     depot: &Path,
     key: &ed25519_dalek::SigningKey,
     spec: &ImageSpec,
+    vib_keys: &[VerifyingKey],
     now: OffsetDateTime,
 ) -> Result<CreatedImage, CliError> {
     check_text("--base-image", spec.base_image.as_str()).map_err(CliError::Usage)?;
@@ -280,11 +325,21 @@ pub fn create(
                 )));
             }
         }
+        for f in &selected {
+            check_descriptor(f, vib_keys)?;
+        }
         components.push(Component {
             name: want.name.clone(),
             version: want.version.clone(),
             vibs: selected.iter().map(|f| f.envelope.clone()).collect(),
         });
+    }
+    if vib_keys.is_empty() {
+        eprintln!(
+            "warning: the descriptors of image {} were not verified (no --vib-key given); \
+             its signature vouches for them anyway",
+            spec.name
+        );
     }
     if spec.expires <= now {
         eprintln!(
@@ -515,7 +570,12 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 base_image: Version(a.base_image),
                 components: a.components,
             };
-            let created = create(&a.depot, &key, &spec, now)?;
+            let vib_keys = a
+                .vib_keys
+                .iter()
+                .map(|p| load_verifying_key(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let created = create(&a.depot, &key, &spec, &vib_keys, now)?;
             if ctx.json {
                 return emit_json(
                     out,
@@ -604,7 +664,30 @@ mod tests {
             base_image: Version("1.0".into()),
             components: vec!["B=1.0".parse().expect("c"), "A=1.0".parse().expect("c")],
         };
-        let created = create(&depot, &image_key, &image_spec, now).expect("create");
+        let created = create(
+            &depot,
+            &image_key,
+            &image_spec,
+            &[vib_key.verifying_key()],
+            now,
+        )
+        .expect("create");
+        // A descriptor by another key is refused when --vib-key is given, accepted without.
+        let e = create(
+            &depot,
+            &image_key,
+            &image_spec,
+            &[image_key.verifying_key()],
+            now,
+        )
+        .expect_err("foreign descriptors");
+        assert!(matches!(
+            e,
+            CliError::Failed {
+                code: ErrorCode::UntrustedKey,
+                ..
+            }
+        ));
         assert_eq!(created.image.components[0].name.as_str(), "B");
         assert_eq!(created.image.components[1].vibs.len(), 2);
 
@@ -643,7 +726,7 @@ mod tests {
             ..image_spec
         };
         assert_eq!(
-            create(&depot, &image_key, &missing, now)
+            create(&depot, &image_key, &missing, &[], now)
                 .expect_err("missing")
                 .exit_code(),
             2

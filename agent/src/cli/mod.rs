@@ -3,8 +3,9 @@
 //! The binary is `fn main() -> ExitCode { vibstage::cli::main() }`. Everything else lives here:
 //! [`Cli`] is the clap grammar (global target flags plus one [`Command`] variant per subcommand),
 //! [`run`] dispatches to one file per subcommand, and [`CliError::exit_code`] is the single place
-//! where failures become the SPEC's exit codes (0 ok, 1 operation failed, 2 usage or config
-//! error, 3 unreachable or refused).
+//! where failures become the SPEC's exit codes (0 ok, 1 operation failed or cut off by
+//! `--timeout`, 2 usage or config error, 3 unreachable or refused; 130 interrupted by Ctrl-C, as
+//! shells report SIGINT).
 //!
 //! Adding a subcommand is one variant in [`Command`], one arm in [`run`] and one file exporting an
 //! `Args` struct and a `run(args, ctx, out)` function. Subcommands write their results to `out`
@@ -14,6 +15,8 @@ pub mod certs;
 pub mod demo;
 pub mod depot;
 pub mod docs;
+pub mod escape;
+mod fanout;
 pub mod hosts;
 pub mod image;
 pub mod keygen;
@@ -25,6 +28,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vibstage_protocol::ErrorCode;
@@ -80,6 +84,34 @@ pub struct TargetArgs {
     /// At most N hosts at a time [default: all at once].
     #[arg(long, global = true, value_name = "N", help_heading = TARGET_HEADING)]
     pub parallel: Option<NonZeroUsize>,
+    /// Give up on hosts that have not finished after this long (e.g. 90s, 20m, 2h; a bare
+    /// number is seconds); they are reported as timed out and the exit code is 1
+    /// [default: no limit].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration, help_heading = TARGET_HEADING)]
+    pub timeout: Option<Duration>,
+    /// One line per host even with many hosts.
+    #[arg(long, short, global = true, help_heading = TARGET_HEADING)]
+    pub verbose: bool,
+}
+
+/// `90`, `90s`, `20m`, `2h`: a positive duration for `--timeout`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a duration such as 90s, 20m or 2h, got {s:?}"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        _ => None,
+    }
+    .filter(|&secs| secs > 0)
+    .ok_or_else(|| format!("expected a positive duration such as 90s, 20m or 2h, got {s:?}"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 /// The subcommands. Each variant's arguments and behaviour live in `cli/<subcommand>.rs`.
@@ -142,6 +174,9 @@ pub enum CliError {
         /// Why it cannot be used.
         detail: String,
     },
+    /// The operator interrupted the command with Ctrl-C (exit 130, as shells report SIGINT).
+    #[error("interrupted")]
+    Interrupted,
     /// The operation was attempted and refused or failed, with a SPEC error code (exit 1).
     #[error("{code}: {message}")]
     Failed {
@@ -178,6 +213,7 @@ impl CliError {
             CliError::Usage(_) | CliError::Config { .. } => 2,
             CliError::Failed { .. } | CliError::Io { .. } => 1,
             CliError::Unreachable { .. } => 3,
+            CliError::Interrupted => 130,
         }
     }
 
@@ -259,11 +295,12 @@ pub(crate) fn emit(out: &mut dyn Write, text: impl std::fmt::Display) -> Result<
     writeln!(out, "{text}").map_err(|e| CliError::io("write", "standard output", e))
 }
 
-/// Writes `value` as pretty JSON to `out`.
+/// Writes `value` as pretty JSON to `out`. Strings may hold what hosts sent, so the characters
+/// a terminal would act on that serde_json leaves raw are escaped too ([`escape::escape_json_text`]).
 pub(crate) fn emit_json(out: &mut dyn Write, value: &serde_json::Value) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::io("write", "standard output", io::Error::other(e)))?;
-    emit(out, text)
+    emit(out, escape::escape_json_text(&text))
 }
 
 /// `path` with `ext` appended to its file name (`keys/image` + `key` = `keys/image.key`), even
@@ -436,6 +473,26 @@ mod tests {
             "k",
         ]);
         assert!(both.is_err());
+    }
+
+    #[test]
+    fn timeouts_parse_with_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("20m"), Ok(Duration::from_secs(1200)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "s",
+            "1d",
+            "-1",
+            "1.5m",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use vibstage_protocol::api::HostStatus;
 
 use super::{BIOS, Demo, Failure, HOST, at, cli_failure, client_failure, ensure};
 use crate::cli::io_message;
-use crate::client::AgentClient;
+use crate::client::{AgentClient, HostAddr};
 
 /// Longest time the agent gets to start, or to stop after SIGTERM (SPEC: 10 s, plus slack).
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -185,8 +185,13 @@ impl Demo<'_> {
             log: home.join("agent.log"),
             child: None,
         });
-        let client =
-            AgentClient::remote(&format!("127.0.0.1:{port}"), tls).map_err(client_failure(step))?;
+        let name = format!("127.0.0.1:{port}");
+        let addr: HostAddr = name.parse().map_err(|why: String| Failure {
+            step,
+            code: ErrorCode::Internal,
+            message: why,
+        })?;
+        let client = AgentClient::remote(&addr, &name, tls).map_err(client_failure(step))?;
         let pid = self.spawn_and_wait(step, &client).await?;
         self.tell(
             step,

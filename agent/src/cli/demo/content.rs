@@ -76,13 +76,18 @@ impl Demo<'_> {
         ))
     }
 
-    /// Signs the image of the demo into the depot with the image key; tells the step.
+    /// Signs the image of the demo into the depot with the image key, after checking every
+    /// descriptor against the vendor key; tells the step.
     pub(super) fn make_image(
         &mut self,
         depot_dir: &Path,
         image_key: &Path,
+        vendor_key: &Path,
     ) -> Result<(CreatedImage, Envelope), Failure> {
         let image_signer = crate::cli::load_signing_key(image_key).map_err(cli_failure("image"))?;
+        let vib_key = crate::cli::load_signing_key(vendor_key)
+            .map_err(cli_failure("image"))?
+            .verifying_key();
         let spec = ImageSpec {
             name: name("image", IMAGE)?,
             serial: 1,
@@ -99,9 +104,14 @@ impl Demo<'_> {
                 },
             ],
         };
-        let created =
-            crate::cli::image::create(depot_dir, &image_signer, &spec, OffsetDateTime::now_utc())
-                .map_err(cli_failure("image"))?;
+        let created = crate::cli::image::create(
+            depot_dir,
+            &image_signer,
+            &spec,
+            &[vib_key],
+            OffsetDateTime::now_utc(),
+        )
+        .map_err(cli_failure("image"))?;
         let envelope: Envelope = fs::read(&created.path)
             .map_err(at("image"))
             .and_then(|b| serde_json::from_slice(&b).map_err(at("image")))?;

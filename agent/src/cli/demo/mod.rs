@@ -228,7 +228,8 @@ impl Demo<'_> {
         self.tell("depot", vibs)?;
 
         // 4. image
-        let (created, envelope) = self.make_image(&depot_dir, &image_key.private_key)?;
+        let (created, envelope) =
+            self.make_image(&depot_dir, &image_key.private_key, &vendor_key.private_key)?;
 
         // 5. serve
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
@@ -471,11 +472,9 @@ impl Demo<'_> {
             );
             bar
         });
-        let followed = tokio::time::timeout(
-            TASK_TIMEOUT,
-            super::hosts::follow(client, task, bar.as_ref()),
-        )
-        .await;
+        let watch = super::fanout::Watch::with_bar(bar.clone());
+        let followed =
+            tokio::time::timeout(TASK_TIMEOUT, super::hosts::follow(client, task, &watch)).await;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }

@@ -1,0 +1,564 @@
+//! The fan-out behind every host subcommand: one operation per target, at most `--parallel` at
+//! once, in target order; `remediate`'s `--max-failures` stops starting hosts. Each host's
+//! outcome is printed the moment it is known, so a hung host withholds only its own result;
+//! `--timeout` and Ctrl-C cut off the hosts still running and print what is known; then the
+//! summary of SPEC §3 and one exit code. Everything printed passes through [`escape()`]: lines
+//! carry what hosts said.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal as _, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use vibstage_protocol::api::Task;
+
+use super::escape::escape;
+use super::{CliError, Context, emit, emit_json};
+use crate::client::{AgentClient, ClientError};
+
+/// Up to this many hosts, every host's outcome is printed; beyond it only the hosts that did not
+/// succeed (and every host with `--verbose`), as SPEC §3 asks of "many hosts".
+const SMALL_FLEET: usize = 10;
+
+/// The most characters of one printed host line: enough for any honest message, short enough
+/// that a host cannot flood the terminal (`--json` has everything).
+const LINE_CHARS: usize = 2000;
+
+/// The most characters of a task step shown in a progress bar.
+const STEP_CHARS: usize = 60;
+
+/// What one host's operation produced.
+pub(super) struct Outcome {
+    /// The host's line (without the host name), unescaped.
+    pub(super) line: String,
+    /// The host's `--json` entry.
+    pub(super) json: Value,
+    /// Whether the operation failed on the host (exit 1, counts for `--max-failures`).
+    pub(super) failed: bool,
+    /// What the summary counts.
+    pub(super) facts: Facts,
+}
+
+/// What the summary counts across hosts, when the command learns it.
+#[derive(Default)]
+pub(super) struct Facts {
+    /// Compliance status.
+    pub(super) compliance: Option<String>,
+    /// The staged mark.
+    pub(super) staged: Option<bool>,
+    /// Notification codes.
+    pub(super) notifications: Vec<String>,
+}
+
+/// A successful outcome.
+pub(super) fn ok(line: String, json: Value, facts: Facts) -> Outcome {
+    Outcome {
+        line,
+        json,
+        failed: false,
+        facts,
+    }
+}
+
+/// What an operation may tell the fan-out about its host while it runs.
+#[derive(Clone, Default)]
+pub(crate) struct Watch {
+    /// The host's progress bar, when bars are shown.
+    bar: Option<ProgressBar>,
+    /// The task the host is running for us, named when the host is cut off or interrupted.
+    task: Arc<Mutex<Option<String>>>,
+    /// The most bytes a task of this command can honestly need ([`image_bytes`]).
+    max_bytes: Option<u64>,
+}
+
+impl Watch {
+    /// A watch that only moves `bar` (the demo's single agent).
+    pub(crate) fn with_bar(bar: Option<ProgressBar>) -> Watch {
+        Watch {
+            bar,
+            ..Watch::default()
+        }
+    }
+
+    /// Names the task the host runs for us.
+    pub(super) fn started(&self, id: &str) {
+        if let Ok(mut task) = self.task.lock() {
+            *task = Some(id.to_owned());
+        }
+    }
+
+    fn task(&self) -> Option<String> {
+        self.task.lock().ok().and_then(|t| t.clone())
+    }
+
+    /// Moves the bar along with what the host reports, bounded by what the image can need.
+    pub(super) fn progress(&self, task: &Task) {
+        let Some(bar) = &self.bar else { return };
+        let total = self.max_bytes.map_or(task.progress.bytes_total, |m| {
+            task.progress.bytes_total.min(m)
+        });
+        bar.set_length(total);
+        bar.set_position(task.progress.bytes_done.min(total));
+        bar.set_message(escape(task.step.as_deref().unwrap_or_default(), STEP_CHARS));
+    }
+}
+
+/// How one host ended.
+enum End {
+    /// The operation ran to an answer (or an error).
+    Done(Result<Outcome, ClientError>),
+    /// Not started: the rollout stopped after too many failures.
+    Skipped,
+    /// Cut off by `--timeout`; `started` says whether a request had been sent.
+    TimedOut { started: bool, task: Option<String> },
+    /// Cut off by Ctrl-C.
+    Interrupted { started: bool, task: Option<String> },
+}
+
+/// The outcome classes the summary counts.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    Ok,
+    Failed,
+    Unreachable,
+    Skipped,
+    TimedOut,
+    Interrupted,
+}
+
+impl Class {
+    fn word(self) -> &'static str {
+        match self {
+            Class::Ok => "ok",
+            Class::Failed => "failed",
+            Class::Unreachable => "unreachable or refused",
+            Class::Skipped => "skipped",
+            Class::TimedOut => "timed out",
+            Class::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// The printed line (unescaped), the `--json` entry and the class of one host's end.
+fn describe(end: &End, timeout: Option<Duration>) -> (String, Value, Class) {
+    let after = timeout.map_or(String::new(), |t| format!(" after {}s", t.as_secs()));
+    match end {
+        End::Done(Ok(o)) => (
+            o.line.clone(),
+            o.json.clone(),
+            if o.failed { Class::Failed } else { Class::Ok },
+        ),
+        End::Done(Err(e)) => (
+            format!("error: {}: {}", e.code(), e.message()),
+            json!({"error": {"code": e.code(), "message": e.message()}}),
+            if e.is_refusal() {
+                Class::Unreachable
+            } else {
+                Class::Failed
+            },
+        ),
+        End::Skipped => (
+            "skipped (rollout stopped after too many failures)".into(),
+            json!({"skipped": "rollout stopped after too many failures"}),
+            Class::Skipped,
+        ),
+        End::TimedOut { started, task } => {
+            let line = match (started, task) {
+                (_, Some(t)) => {
+                    format!("timed out{after}; task {t} may still be running on the host")
+                }
+                (true, None) => format!("timed out{after} waiting for an answer"),
+                (false, None) => format!("timed out{after} before it was started"),
+            };
+            let secs = timeout.map(|t| t.as_secs());
+            (
+                line,
+                json!({"timed_out": {"after_secs": secs, "started": started, "task": task}}),
+                Class::TimedOut,
+            )
+        }
+        End::Interrupted { started, task } => {
+            let line = match (started, task) {
+                (_, Some(t)) => format!("interrupted; task {t} continues on the host"),
+                (true, None) => "interrupted while waiting for an answer".into(),
+                (false, None) => "interrupted before it was started".into(),
+            };
+            (
+                line,
+                json!({"interrupted": {"started": started, "task": task}}),
+                Class::Interrupted,
+            )
+        }
+    }
+}
+
+/// What the dispatcher tells the printing loop.
+enum Event {
+    /// A request is about to be sent to the host.
+    Started,
+    /// The host ended.
+    Ended(End),
+}
+
+/// Starts `op` on every target in order, at most `parallel` at once, skipping the rest once
+/// `max_failures` hosts failed. Dropping (aborting) the returned future aborts every host.
+async fn dispatch<F, Fut>(
+    clients: Vec<(AgentClient, Watch)>,
+    parallel: usize,
+    max_failures: Option<usize>,
+    op: Arc<F>,
+    tx: mpsc::UnboundedSender<(usize, Event)>,
+) where
+    F: Fn(AgentClient, Watch) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Outcome, ClientError>> + Send + 'static,
+{
+    let limit = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut running = tokio::task::JoinSet::new();
+    for (i, (client, watch)) in clients.into_iter().enumerate() {
+        // Taking the permit here, in target order, makes `--parallel 1` go host by host in the
+        // order given; a host's permit is released only after its failure is counted.
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        if max_failures.is_some_and(|m| failures.load(Ordering::SeqCst) >= m) {
+            if let Some(bar) = &watch.bar {
+                bar.finish_and_clear();
+            }
+            let _ = tx.send((i, Event::Ended(End::Skipped)));
+            continue;
+        }
+        let _ = tx.send((i, Event::Started));
+        let (tx, failures, op) = (tx.clone(), failures.clone(), op.clone());
+        running.spawn(async move {
+            let result = op(client, watch.clone()).await;
+            if let Some(bar) = &watch.bar {
+                bar.finish_and_clear();
+            }
+            if !matches!(&result, Ok(o) if !o.failed) {
+                failures.fetch_add(1, Ordering::SeqCst);
+            }
+            drop(permit);
+            let _ = tx.send((i, Event::Ended(End::Done(result))));
+        });
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Sums host byte counts for the total bar without wrapping: a host reporting `u64::MAX` makes
+/// the total large, not small.
+fn saturating_total(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0u64, u64::saturating_add)
+}
+
+/// Writes one host's line, escaped and bounded, above the progress bars.
+fn print_line(
+    out: &mut dyn Write,
+    bars: Option<&MultiProgress>,
+    name: &str,
+    line: &str,
+) -> Result<(), CliError> {
+    let text = escape(&format!("{name}: {line}"), LINE_CHARS);
+    match bars {
+        Some(m) => m.suspend(|| emit(out, &text)),
+        None => emit(out, &text),
+    }
+}
+
+/// Runs `op` on every target with at most `parallel` at once; `max_failures` stops starting new
+/// hosts once that many have failed. Prints each host's outcome as it ends, the summary at the
+/// end (or at `--timeout`, or Ctrl-C), and maps the results to an exit code.
+pub(super) fn fan_out<F, Fut>(
+    ctx: &Context,
+    out: &mut dyn Write,
+    clients: Vec<AgentClient>,
+    default_parallel: Option<usize>,
+    max_failures: Option<usize>,
+    max_bytes: Option<u64>,
+    op: F,
+) -> Result<(), CliError>
+where
+    F: Fn(AgentClient, Watch) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Outcome, ClientError>> + Send + 'static,
+{
+    let parallel = ctx
+        .target
+        .parallel
+        .map(|n| n.get())
+        .or(default_parallel)
+        .unwrap_or(clients.len())
+        .max(1);
+    let timeout = ctx.target.timeout;
+    let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
+    let every_line = ctx.target.verbose || names.len() <= SMALL_FLEET;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| CliError::io("start", "the async runtime", e))?;
+    let bars = (std::io::stdout().is_terminal() && !ctx.json).then(MultiProgress::new);
+    let (ends, interrupted) = runtime.block_on(async {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        // With several hosts, a total bar sums the hosts' bars (finished ones keep their counts).
+        let total = bars.as_ref().filter(|_| clients.len() > 1).map(|m| {
+            let total = m.add(ProgressBar::new(0));
+            total.set_style(bar_style());
+            total.set_prefix("total");
+            total
+        });
+        let mut watches = Vec::new();
+        let mut host_bars = Vec::new();
+        for client in clients {
+            let bar = bars.as_ref().map(|m| {
+                let bar = match &total {
+                    Some(total) => m.insert_before(total, ProgressBar::new(0)),
+                    None => m.add(ProgressBar::new(0)),
+                };
+                bar.set_style(bar_style());
+                bar.set_prefix(escape(&client.name, 40));
+                host_bars.push(bar.clone());
+                bar
+            });
+            let watch = Watch {
+                bar,
+                max_bytes,
+                ..Watch::default()
+            };
+            watches.push((client, watch));
+        }
+        let task_of: Vec<Watch> = watches.iter().map(|(_, w)| w.clone()).collect();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let dispatcher = tokio::spawn(dispatch(watches, parallel, max_failures, Arc::new(op), tx));
+        let ticker = total.clone().map(|total| {
+            tokio::spawn(async move {
+                loop {
+                    total.set_length(saturating_total(
+                        host_bars.iter().filter_map(ProgressBar::length),
+                    ));
+                    total.set_position(saturating_total(
+                        host_bars.iter().map(ProgressBar::position),
+                    ));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        });
+        let mut ends: Vec<Option<End>> = names.iter().map(|_| None).collect();
+        let mut started = vec![false; names.len()];
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        let mut ctrl_c_armed = true;
+        let mut cut: Option<bool> = None; // Some(true) = interrupted, Some(false) = timed out
+        while cut.is_none() {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some((i, Event::Started)) => started[i] = true,
+                    Some((i, Event::Ended(end))) => {
+                        let (line, _, class) = describe(&end, timeout);
+                        if !ctx.json && (every_line || class != Class::Ok) {
+                            print_line(out, bars.as_ref(), &names[i], &line)?;
+                        }
+                        ends[i] = Some(end);
+                    }
+                    None => break,
+                },
+                () = sleep_until(deadline) => cut = Some(false),
+                signal = &mut ctrl_c, if ctrl_c_armed => match signal {
+                    Ok(()) => cut = Some(true),
+                    // No handler could be installed: Ctrl-C keeps its default effect.
+                    Err(_) => ctrl_c_armed = false,
+                },
+            }
+        }
+        dispatcher.abort();
+        if let Some(ticker) = ticker {
+            ticker.abort();
+        }
+        if let Some(total) = total {
+            total.finish_and_clear();
+        }
+        for (i, end) in ends.iter_mut().enumerate() {
+            if end.is_none() {
+                if let Some(bar) = &task_of[i].bar {
+                    bar.finish_and_clear();
+                }
+                let (started, task) = (started[i], task_of[i].task());
+                let cut_end = match cut {
+                    Some(true) => End::Interrupted { started, task },
+                    Some(false) => End::TimedOut { started, task },
+                    // Only a panic in the host's operation ends it without a result.
+                    None => End::Done(Err(ClientError::Setup(
+                        "internal error: the host's result was lost".into(),
+                    ))),
+                };
+                let (line, _, _) = describe(&cut_end, timeout);
+                if !ctx.json {
+                    print_line(out, bars.as_ref(), &names[i], &line)?;
+                }
+                *end = Some(cut_end);
+            }
+        }
+        Ok::<_, CliError>((ends, cut == Some(true)))
+    })?;
+    // Host tasks may still be blocked in a request; do not wait for them.
+    runtime.shutdown_background();
+
+    let mut report = serde_json::Map::new();
+    let mut classes = Vec::new();
+    let mut facts = Vec::new();
+    for (name, end) in names.iter().zip(ends) {
+        let Some(end) = end else { continue };
+        let (_, value, class) = describe(&end, timeout);
+        classes.push((name.as_str(), class));
+        if let End::Done(Ok(o)) = end {
+            facts.push(o.facts);
+        }
+        report.insert(name.clone(), value);
+    }
+    if ctx.json {
+        emit_json(out, &Value::Object(report))?;
+    } else if names.len() > 1 {
+        for line in summary(&classes, &facts) {
+            emit(out, escape(&line, LINE_CHARS))?;
+        }
+    }
+    let any = |c: Class| classes.iter().any(|(_, k)| *k == c);
+    if interrupted {
+        Err(CliError::Interrupted)
+    } else if any(Class::Unreachable) {
+        Err(CliError::Unreachable {
+            target: "one or more hosts".into(),
+            message: "unreachable or refused the request".into(),
+        })
+    } else if classes.iter().any(|(_, k)| *k != Class::Ok) {
+        let message = if any(Class::TimedOut) {
+            "the operation failed or timed out on at least one host"
+        } else {
+            "the operation failed on at least one host"
+        };
+        Err(CliError::Failed {
+            code: vibstage_protocol::ErrorCode::Internal,
+            message: message.into(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The most distinct notification codes the summary lists.
+const SUMMARY_CODES: usize = 20;
+
+/// SPEC §3's summary of several hosts: counts by outcome, compliance, staged mark and
+/// notifications, then the hosts that did not succeed.
+fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut by_class: BTreeMap<Class, usize> = BTreeMap::new();
+    for (_, c) in classes {
+        *by_class.entry(*c).or_default() += 1;
+    }
+    let counts: Vec<String> = by_class
+        .iter()
+        .map(|(c, n)| format!("{n} {}", c.word()))
+        .collect();
+    lines.push(format!(
+        "summary: {} hosts: {}",
+        classes.len(),
+        counts.join(", ")
+    ));
+    let mut compliance: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut staged: BTreeMap<bool, usize> = BTreeMap::new();
+    let mut codes: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in facts {
+        if let Some(c) = &f.compliance {
+            *compliance.entry(c.as_str()).or_default() += 1;
+        }
+        if let Some(s) = f.staged {
+            *staged.entry(s).or_default() += 1;
+        }
+        for code in &f.notifications {
+            *codes.entry(code.as_str()).or_default() += 1;
+        }
+    }
+    let join = |m: Vec<String>| m.join(", ");
+    if !compliance.is_empty() {
+        lines.push(format!(
+            "  compliance: {}",
+            join(compliance.iter().map(|(k, n)| format!("{k} {n}")).collect())
+        ));
+    }
+    if !staged.is_empty() {
+        lines.push(format!(
+            "  staged: {}",
+            join(staged.iter().map(|(k, n)| format!("{k} {n}")).collect())
+        ));
+    }
+    if !codes.is_empty() {
+        let mut shown: Vec<String> = codes
+            .iter()
+            .take(SUMMARY_CODES)
+            .map(|(k, n)| format!("{} {n}", escape(k, 60)))
+            .collect();
+        if codes.len() > SUMMARY_CODES {
+            shown.push(format!("and {} more codes", codes.len() - SUMMARY_CODES));
+        }
+        lines.push(format!("  notifications: {}", shown.join(", ")));
+    }
+    let not_ok: Vec<String> = classes
+        .iter()
+        .filter(|(_, c)| *c != Class::Ok)
+        .map(|(name, c)| format!("{name} ({})", c.word()))
+        .collect();
+    if !not_ok.is_empty() {
+        lines.push(format!("  not ok: {}", not_ok.join(", ")));
+    }
+    lines
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn total_bar_sum_saturates_instead_of_wrapping() {
+        assert_eq!(saturating_total([u64::MAX, 5].into_iter()), u64::MAX);
+        assert_eq!(saturating_total([1, 2, 3].into_iter()), 6);
+    }
+
+    #[test]
+    fn summary_counts_outcomes_and_names_the_hosts_that_did_not_succeed() {
+        let classes = [("a", Class::Ok), ("b", Class::TimedOut), ("c", Class::Ok)];
+        let facts = [
+            Facts {
+                compliance: Some("staged".into()),
+                staged: Some(true),
+                notifications: vec!["firmware_staging_unsupported".into()],
+            },
+            Facts::default(),
+        ];
+        let lines = summary(&classes, &facts);
+        assert_eq!(lines[0], "summary: 3 hosts: 2 ok, 1 timed out");
+        assert!(
+            lines.contains(&"  compliance: staged 1".to_owned()),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"  not ok: b (timed out)".to_owned()),
+            "{lines:?}"
+        );
+    }
+}
