@@ -448,6 +448,22 @@ impl Agent {
                 format!("no staged image {digest}"),
             ));
         }
+        // Compliance `staged` promised content that is now gone: re-evaluate, so that a
+        // controller gating remediation on it does not see a host that is ready (issue 17,
+        // item 1). The image is not installed (else it would be `compliant`), so it is
+        // `non_compliant` again until it is staged anew.
+        let mut state = lock(&self.state);
+        if let Some(report) = state.compliance.as_mut()
+            && report.status == ComplianceStatus::Staged
+            && report
+                .image
+                .as_ref()
+                .is_none_or(|i| !self.fully_staged(&i.digest))
+        {
+            report.status = ComplianceStatus::NonCompliant;
+            report.checked_at = Some(OffsetDateTime::now_utc());
+            self.save(&state)?;
+        }
         Ok(())
     }
 
@@ -456,7 +472,7 @@ impl Agent {
         let state = lock(&self.state).clone();
         let running = lock(&self.running).clone();
         let stores = self.stager.stores();
-        let compliance = match &state.compliance {
+        let mut compliance = match &state.compliance {
             Some(r) => ComplianceSummary {
                 status: r.status,
                 image: r.image.clone(),
@@ -516,6 +532,11 @@ impl Agent {
                 staging.state = StagingState::Failed;
                 staging.software = SoftwareState::Failed;
             }
+        }
+        if compliance.status == ComplianceStatus::Staged && !staging.staged {
+            // R8's `staged` holds only while the content is there (a scrub or a deletion may
+            // have taken part of it): otherwise the host needs staging again.
+            compliance.status = ComplianceStatus::NonCompliant;
         }
         if compliance.status == ComplianceStatus::Compliant && staging.state == StagingState::None {
             // Nothing is needed, so everything needed is staged (R5, vacuously): a controller

@@ -106,6 +106,10 @@ pub struct AddArgs {
     /// Installing these VIBs does not need a reboot.
     #[arg(long)]
     pub no_reboot_required: bool,
+    /// Rewrite the descriptor of a file already in the depot with other fields (images built
+    /// from the old descriptor stop matching it).
+    #[arg(long)]
+    pub replace: bool,
     /// The VIB files.
     #[arg(value_name = "FILE", required = true)]
     pub files: Vec<PathBuf>,
@@ -255,13 +259,53 @@ fn store_blob(vibs: &Path, file: &Path) -> Result<(Digest, u64, bool), CliError>
 }
 
 /// Adds `files` to the depot at `depot`, signing each descriptor with `key`. Every name and
-/// descriptor field is checked before the first byte is written.
+/// descriptor field is checked before the first byte is written. A file already in the depot
+/// under another descriptor is refused (see [`add_with`]).
 pub fn add(
     depot: &Path,
     key: &SigningKey,
     spec: &VibSpec,
     name: Option<&Name>,
     files: &[PathBuf],
+) -> Result<Vec<AddedVib>, CliError> {
+    add_with(depot, key, spec, name, files, false)
+}
+
+/// The descriptor the depot already holds for `digest`, if any (and if it reads as one).
+fn existing_descriptor(descriptors: &Path, digest: &Digest) -> Option<VibDescriptor> {
+    let path = descriptors.join(format!("{}.json", digest.to_hex()));
+    let env: Envelope = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    serde_json::from_slice(&env.payload).ok()
+}
+
+/// What differs between two descriptors of the same bytes, as `field old -> new` items.
+fn differences(old: &VibDescriptor, new: &VibDescriptor) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return vec!["descriptor".into()];
+    };
+    a.iter()
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, v)| {
+            let new = b.get(k.as_str()).cloned().unwrap_or_default();
+            format!("{k} {v} -> {new}")
+        })
+        .collect()
+}
+
+/// [`add`], and with `replace` a file already in the depot under another descriptor gets the
+/// new one (`depot add --replace`). Without it that is refused, naming the existing descriptor:
+/// the descriptor is signed and images built before carry it, so silently relabelling the bytes
+/// would break them (issue 17, item 2). The same file added again with the same fields is
+/// harmless.
+pub fn add_with(
+    depot: &Path,
+    key: &SigningKey,
+    spec: &VibSpec,
+    name: Option<&Name>,
+    files: &[PathBuf],
+    replace: bool,
 ) -> Result<Vec<AddedVib>, CliError> {
     if name.is_some() && files.len() > 1 {
         return Err(CliError::Usage(
@@ -288,6 +332,31 @@ pub fn add(
         spec.descriptor(vib.clone(), Digest::of(b""), 0)
             .validate()
             .map_err(|e| CliError::Usage(format!("VIB {vib} from {}: {e}", file.display())))?;
+        if !replace {
+            let descriptors = depot.join("descriptors");
+            let (digest, size) =
+                hash_file(file).map_err(|e| CliError::config("VIB file", file, io_message(&e)))?;
+            if let Some(old) = existing_descriptor(&descriptors, &digest) {
+                let new = spec.descriptor(vib.clone(), digest, size);
+                let changed = differences(&old, &new);
+                if !changed.is_empty() {
+                    return Err(CliError::Usage(format!(
+                        "{} is already in the depot as VIB {} {} of component {} {} (vendor {}, kind {}): {}; \
+                         images built from that descriptor would no longer match it. Pass --replace to \
+                         rewrite it anyway ({} differs)",
+                        file.display(),
+                        old.name,
+                        old.version,
+                        old.component,
+                        old.component_version,
+                        old.vendor,
+                        serde_json::to_value(old.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                        descriptors.join(format!("{}.json", digest.to_hex())).display(),
+                        changed.join(", ")
+                    )));
+                }
+            }
+        }
         planned.push((vib, file));
     }
 
@@ -341,7 +410,14 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 maintenance_mode: !a.no_maintenance_mode,
                 reboot_required: !a.no_reboot_required,
             };
-            let added = add(&a.depot, &key, &spec, a.name.as_ref(), &a.files)?;
+            let added = add_with(
+                &a.depot,
+                &key,
+                &spec,
+                a.name.as_ref(),
+                &a.files,
+                a.replace,
+            )?;
             if ctx.json {
                 let list: Vec<serde_json::Value> = added
                     .iter()
@@ -423,6 +499,34 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
             .count();
         assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn relabelling_a_vib_in_the_depot_needs_replace() {
+        // Issue 17, item 2: the same bytes added again under another component must not
+        // rewrite the signed descriptor that images already carry.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("bios.vib");
+        fs::write(&file, b"firmware bytes").expect("write");
+        let depot = dir.path().join("depot");
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let first = add(&depot, &key, &spec(), None, std::slice::from_ref(&file)).expect("add");
+        let before = fs::read(&first[0].descriptor_path).expect("descriptor");
+        let mut other = spec();
+        other.component = "BIOS".parse().expect("name");
+        other.vendor = "dell".into();
+        let e = add(&depot, &key, &other, None, std::slice::from_ref(&file)).expect_err("relabel");
+        let text = e.to_string();
+        assert_eq!(e.exit_code(), 2);
+        assert!(text.contains("component ESXi"), "{text}");
+        assert!(text.contains("--replace"), "{text}");
+        assert!(text.contains(&first[0].descriptor_path.display().to_string()), "{text}");
+        assert_eq!(fs::read(&first[0].descriptor_path).expect("descriptor"), before);
+        // The same fields again: harmless.
+        add(&depot, &key, &spec(), None, std::slice::from_ref(&file)).expect("same again");
+        // --replace rewrites it.
+        let replaced = add_with(&depot, &key, &other, None, &[file], true).expect("replace");
+        assert_eq!(replaced[0].descriptor.component.as_str(), "BIOS");
     }
 
     #[test]
