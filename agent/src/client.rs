@@ -267,7 +267,13 @@ impl AgentClient {
     pub fn remote(addr: &HostAddr, name: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
         let read = |file: &str| {
             std::fs::read(tls_dir.join(file)).map_err(|e| {
-                ClientError::Setup(format!("cannot read {}: {e}", tls_dir.join(file).display()))
+                let e = e.to_string();
+                let e = e.split(" (os error").next().unwrap_or_default();
+                ClientError::Setup(format!(
+                    "cannot read {}: {e} (--tls-dir holds ca.pem, client.pem and client.key, as \
+                     written by `vibstagectl certs init`)",
+                    tls_dir.join(file).display()
+                ))
             })
         };
         let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)

@@ -40,7 +40,10 @@ fn staged_rm_makes_compliance_non_compliant_again() {
     assert_eq!(task["state"], "succeeded", "{task}");
     let s = a.status();
     assert_eq!(s["compliance"]["status"], "staged", "{s}");
-    let digest = s["compliance"]["image"]["digest"].as_str().expect("digest").to_owned();
+    let digest = s["compliance"]["image"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
 
     let out = ctl(&world, &[&a], &["staged", "rm", &digest]);
     assert!(out.status.success(), "{}", text(&out));
@@ -52,4 +55,242 @@ fn staged_rm_makes_compliance_non_compliant_again() {
     a.start();
     let s = json_of(&ctl(&world, &[&a], &["--json", "status"]));
     assert_eq!(s[a.addr()]["compliance"]["status"], "non_compliant", "{s}");
+}
+
+/// Item 4: the notification that explains `staged=false` is printed in plain output, without
+/// `--json`; with the vendor configured the host reaches `staged=true`.
+#[test]
+fn plain_output_prints_notifications() {
+    let world = World::new();
+    world.add_vibs(&[
+        VibFile::software("esx-base", 100_000),
+        VibFile::firmware("bios", "dell", 50_000),
+    ]);
+    world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20", "BIOS=2.1"]);
+    let image = world.depot_dir.join("images/esx-8.0u2.json");
+    let image = image.to_str().expect("utf8");
+    let url = world.depot.url();
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    a.start();
+    let out = ctl(
+        &world,
+        &[&a],
+        &["stage", "--image", image, "--depot", &url, "--wait"],
+    );
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("note: firmware_staging_unsupported: "),
+        "{shown}"
+    );
+    let out = ctl(&world, &[&a], &["status"]);
+    let shown = text(&out);
+    assert!(
+        shown.contains("note: firmware_staging_unsupported: "),
+        "{shown}"
+    );
+
+    let mut b = world.agent(
+        "esx-02",
+        AgentOptions {
+            firmware_vendors: vec!["dell".into()],
+            ..AgentOptions::default()
+        },
+    );
+    b.start();
+    let out = ctl(
+        &world,
+        &[&b],
+        &["stage", "--image", image, "--depot", &url, "--wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let s = b.status();
+    assert_eq!(s["staging"]["staged"], true, "{s}");
+}
+
+/// Item 8: a failed operation names the command and the host, not `internal`; a malformed
+/// depot URL is a usage error (2) caught before any host is asked.
+#[test]
+fn failures_name_the_host_and_bad_depot_urls_are_usage_errors() {
+    let world = World::new();
+    let digests = world.add_vibs(&[VibFile::software("esx-base", 100_000)]);
+    world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    let image = world.depot_dir.join("images/esx-8.0u2.json");
+    let image = image.to_str().expect("utf8");
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    a.start();
+    for bad in ["htp://127.0.0.1:1/", "depot.example/path", "127.0.0.1:8080"] {
+        let out = ctl(&world, &[&a], &["stage", "--image", image, "--depot", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+        assert!(
+            text(&out).contains("expected a depot base URL"),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(
+        a.request("GET", "/v1/tasks", None).json["tasks"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+
+    std::fs::remove_file(world.depot_dir.join("vibs").join(&digests[0])).expect("rm");
+    let out = ctl(
+        &world,
+        &[&a],
+        &[
+            "stage",
+            "--image",
+            image,
+            "--depot",
+            &world.depot.url(),
+            "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("internal"), "{err}");
+    assert!(
+        err.contains(&format!("error: stage failed on {}", a.addr())),
+        "{err}"
+    );
+}
+
+/// Item 9: no agent on the socket, and a user other than root, each get a sentence saying what
+/// to do (exit 3), not a raw `os error`.
+#[test]
+fn local_socket_mistakes_say_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("vibstaged.sock");
+    let out = Command::new(vibstagectl())
+        .arg("--socket")
+        .arg(&missing)
+        .arg("status")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "no agent listening at {}: is vibstaged running? use --socket",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("--host"), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+
+    let world = World::new();
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    a.start();
+    // The agent's directory is private to root; let the socket's own mode (0600) decide.
+    let mut p = a.socket.parent().map(std::path::Path::to_path_buf);
+    while let Some(dir) = p {
+        if dir == world.dir.path().parent().unwrap_or(&dir) {
+            break;
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&dir).expect("stat").permissions().mode();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o011))
+            .expect("chmod");
+        p = dir.parent().map(std::path::Path::to_path_buf);
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(vibstagectl())
+        .arg("--socket")
+        .arg(&a.socket)
+        .arg("status")
+        .output()
+        .expect("run setpriv");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the local socket is root-only: run as root"),
+        "{err}"
+    );
+    assert!(err.contains("--host"), "{err}");
+}
+
+/// Item 11: `task ID` with several hosts is refused with the reason (ids differ per host).
+#[test]
+fn task_id_with_several_hosts_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("fleet.txt");
+    std::fs::write(&hosts, "esx-01\nesx-02:9443\n").expect("fleet");
+    let out = Command::new(vibstagectl())
+        .arg("--tls-dir")
+        .arg(dir.path())
+        .arg("--hosts")
+        .arg(&hosts)
+        .args(["task", "abc", "--wait"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ids differ from host to host"), "{err}");
+    assert!(err.contains("single --host"), "{err}");
+}
+
+/// Item 13: `status` of several hosts is a table with a header and human sizes; `tasks` prints
+/// one task a line.
+#[test]
+fn status_is_a_table_and_tasks_one_a_line() {
+    let world = World::new();
+    world.add_vibs(&[VibFile::software("esx-base", 100_000)]);
+    let env = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    let mut b = world.agent("esx-02", AgentOptions::default());
+    a.start();
+    b.start();
+    let url = world.depot.url();
+    a.stage_and_wait(&env, &url);
+    // A second task on a: a compliance check does not make one, a second stage joins nothing.
+    let out = ctl(&world, &[&a, &b], &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "HOST",
+            "COMPLIANCE",
+            "STAGED",
+            "FIRMWARE",
+            "SCRATCH",
+            "FREE",
+            "TASK",
+            "HOST",
+            "ID"
+        ],
+        "{stdout}"
+    );
+    let row_a = lines
+        .iter()
+        .find(|l| l.starts_with(&a.addr()))
+        .expect("row a");
+    let cols: Vec<&str> = row_a.split_whitespace().collect();
+    assert_eq!(&cols[1..4], ["staged", "true", "not_applicable"], "{row_a}");
+    assert!(
+        ["B", "KiB", "MiB", "GiB", "TiB"].contains(&cols[5]),
+        "free space in human units: {row_a}"
+    );
+    assert_eq!(cols.last(), Some(&"esx-01"), "{row_a}");
+    let row_b = lines
+        .iter()
+        .find(|l| l.starts_with(&b.addr()))
+        .expect("row b");
+    // Columns line up: every row starts its compliance where the header says.
+    let at = lines[0].find("COMPLIANCE").expect("col");
+    assert_eq!(row_a.find("staged"), Some(at), "{stdout}");
+    assert_eq!(row_b.find("unknown"), Some(at), "{stdout}");
+    assert!(stdout.contains("summary: 2 hosts: 2 ok"), "{stdout}");
+
+    let out = ctl(&world, &[&a], &["tasks"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let task_lines: Vec<&str> = stdout.lines().filter(|l| l.contains("stage ")).collect();
+    assert_eq!(task_lines.len(), 1, "{stdout}");
+    assert!(task_lines[0].contains("succeeded"), "{stdout}");
+    assert!(stdout.contains("1 task:"), "{stdout}");
 }

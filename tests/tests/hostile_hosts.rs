@@ -182,7 +182,7 @@ fn line_of<'a>(ran: &'a Ran, host: &str) -> &'a str {
     ran.lines
         .iter()
         .map(|(_, l)| l.as_str())
-        .find(|l| l.starts_with(&format!("{host}: ")))
+        .find(|l| is_line_of(l, host))
         .unwrap_or_else(|| panic!("no line for {host}: {ran:#?}"))
 }
 
@@ -252,10 +252,7 @@ fn endless_body_does_not_grow_the_controller_issue18() {
         None,
     );
     assert_eq!(ran.code, Some(1), "{ran:#?}");
-    assert!(
-        line_of(&ran, &good.addr()).contains("compliance="),
-        "{ran:#?}"
-    );
+    assert!(is_status_row(line_of(&ran, &good.addr())), "{ran:#?}");
     let line = line_of(&ran, &hostile.addr());
     assert!(line.contains("exceeds the 4194304-byte limit"), "{line}");
     assert!(ran.took < Duration::from_secs(20), "{:?}", ran.took);
@@ -314,7 +311,7 @@ fn drip_fed_answer_is_cut_off_by_timeout_issue18() {
         None,
     );
     assert_eq!(ran.code, Some(1), "{ran:#?}");
-    assert!(line_of(&ran, &good.addr()).contains("compliance="));
+    assert!(is_status_row(line_of(&ran, &good.addr())), "{ran:#?}");
     assert!(
         line_of(&ran, &hostile.addr()).contains("timed out after 3s"),
         "{ran:#?}"
@@ -412,16 +409,16 @@ fn slow_host_does_not_withhold_other_results_and_ctrl_c_prints_what_is_known_iss
     let ran = run(
         &args(&world, &hosts, &["status"]),
         Duration::from_secs(60),
-        Some(&[format!("{}: ", a.addr()), format!("{}: ", b.addr())]),
+        Some(&[format!("{} ", a.addr()), format!("{} ", b.addr())]),
     );
     assert_eq!(ran.code, Some(130), "{ran:#?}");
     for agent in [&a, &b] {
         let (at, line) = ran
             .lines
             .iter()
-            .find(|(_, l)| l.starts_with(&format!("{}: ", agent.addr())))
+            .find(|(_, l)| is_line_of(l, &agent.addr()))
             .expect("line");
-        assert!(line.contains("compliance="), "{line}");
+        assert!(is_status_row(line), "{line}");
         assert!(*at < Duration::from_secs(10), "printed after {at:?}");
     }
     assert!(
@@ -439,7 +436,18 @@ fn line_of_opt<'a>(ran: &'a Ran, host: &str) -> Option<&'a str> {
     ran.lines
         .iter()
         .map(|(_, l)| l.as_str())
-        .find(|l| l.starts_with(&format!("{host}: ")))
+        .find(|l| is_line_of(l, host))
+}
+
+/// A host's line: `host: …`, or a row of `status`'s table (`host   …`, issue 17 item 13).
+fn is_line_of(line: &str, host: &str) -> bool {
+    line.starts_with(&format!("{host}: ")) || line.starts_with(&format!("{host} "))
+}
+
+/// A row of `status`'s table: host, compliance, staged mark, … (issue 17, item 13).
+fn is_status_row(line: &str) -> bool {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    cols.len() >= 6 && matches!(cols[2], "true" | "false")
 }
 
 const EVIL: &str = "\u{1b}]0;owned\u{7}\u{1b}[2J\nhost-X: succeeded\r\u{9b}31m\u{202e}";
@@ -865,5 +873,52 @@ fn many_hosts_print_a_summary_and_only_the_hosts_that_did_not_succeed_issue18() 
     assert!(
         hosts.iter().all(|h| line_of_opt(&ran, h).is_some()),
         "{ran:#?}"
+    );
+}
+
+/// Issue 17, item 11: Ctrl-C during `--wait` says the tasks go on and prints, per host, the
+/// command that follows its task.
+#[test]
+fn ctrl_c_during_wait_says_the_tasks_go_on_and_how_to_follow_them_issue17() {
+    let (world, image) = world_with_image();
+    let quick = fake(&world, "quick", |r| match r.method.as_str() {
+        "POST" => Answer::Json(
+            202,
+            json!({"task": fake_task("q1", "running", (0, 10), None)}),
+        ),
+        _ => Answer::Json(200, fake_task("q1", "succeeded", (10, 10), None)),
+    });
+    let endless = fake(&world, "endless", |r| match r.method.as_str() {
+        "POST" => Answer::Json(
+            202,
+            json!({"task": fake_task("t1", "running", (0, 10), None)}),
+        ),
+        _ => Answer::Json(200, fake_task("t1", "running", (5, 10), None)),
+    });
+    let hosts = [quick.addr(), endless.addr()];
+    let url = world.depot.url();
+    let ran = run(
+        &args(
+            &world,
+            &hosts,
+            &["stage", "--image", &image, "--depot", &url, "--wait"],
+        ),
+        Duration::from_secs(60),
+        Some(&[format!("{}: succeeded", quick.addr())]),
+    );
+    assert_eq!(ran.code, Some(130), "{ran:#?}");
+    assert!(
+        ran.stdout
+            .contains("only the waiting stopped; the tasks below go on on their hosts"),
+        "{ran:#?}"
+    );
+    let line = line_of(&ran, &endless.addr());
+    assert!(
+        line.contains(&format!(
+            "task t1 continues on the host; follow it with: vibstagectl --tls-dir {} --host {} task t1 --wait",
+            world.tls_dir.display(),
+            endless.addr()
+        )),
+        "{line}"
     );
 }

@@ -350,8 +350,13 @@ pub fn add_with(
                         old.component,
                         old.component_version,
                         old.vendor,
-                        serde_json::to_value(old.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
-                        descriptors.join(format!("{}.json", digest.to_hex())).display(),
+                        serde_json::to_value(old.kind)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        descriptors
+                            .join(format!("{}.json", digest.to_hex()))
+                            .display(),
                         changed.join(", ")
                     )));
                 }
@@ -410,14 +415,7 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 maintenance_mode: !a.no_maintenance_mode,
                 reboot_required: !a.no_reboot_required,
             };
-            let added = add_with(
-                &a.depot,
-                &key,
-                &spec,
-                a.name.as_ref(),
-                &a.files,
-                a.replace,
-            )?;
+            let added = add_with(&a.depot, &key, &spec, a.name.as_ref(), &a.files, a.replace)?;
             if ctx.json {
                 let list: Vec<serde_json::Value> = added
                     .iter()
@@ -520,8 +518,14 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
         assert!(text.contains("component ESXi"), "{text}");
         assert!(text.contains("--replace"), "{text}");
-        assert!(text.contains(&first[0].descriptor_path.display().to_string()), "{text}");
-        assert_eq!(fs::read(&first[0].descriptor_path).expect("descriptor"), before);
+        assert!(
+            text.contains(&first[0].descriptor_path.display().to_string()),
+            "{text}"
+        );
+        assert_eq!(
+            fs::read(&first[0].descriptor_path).expect("descriptor"),
+            before
+        );
         // The same fields again: harmless.
         add(&depot, &key, &spec(), None, std::slice::from_ref(&file)).expect("same again");
         // --replace rewrites it.

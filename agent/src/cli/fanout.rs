@@ -42,6 +42,8 @@ pub(super) struct Outcome {
     pub(super) failed: bool,
     /// What the summary counts.
     pub(super) facts: Facts,
+    /// Lines printed under the host's line (one per task, per staged image), unescaped.
+    pub(super) more: Vec<String>,
 }
 
 /// What the summary counts across hosts, when the command learns it.
@@ -51,8 +53,10 @@ pub(super) struct Facts {
     pub(super) compliance: Option<String>,
     /// The staged mark.
     pub(super) staged: Option<bool>,
-    /// Notification codes.
-    pub(super) notifications: Vec<String>,
+    /// Notifications, as (code, message): counted by code in the summary, and printed under
+    /// the host's line, since a notification is how a host says why `staged` stays false
+    /// (issue 17, item 4).
+    pub(super) notifications: Vec<(String, String)>,
 }
 
 /// A successful outcome.
@@ -62,6 +66,7 @@ pub(super) fn ok(line: String, json: Value, facts: Facts) -> Outcome {
         json,
         failed: false,
         facts,
+        more: Vec::new(),
     }
 }
 
@@ -256,18 +261,32 @@ fn saturating_total(values: impl Iterator<Item = u64>) -> u64 {
     values.fold(0u64, u64::saturating_add)
 }
 
-/// Writes one host's line, escaped and bounded, above the progress bars.
+/// Writes one host's line (`name` already carries its separator, see `row_name`), escaped and
+/// bounded, above the progress bars.
 fn print_line(
     out: &mut dyn Write,
     bars: Option<&MultiProgress>,
     name: &str,
     line: &str,
 ) -> Result<(), CliError> {
-    let text = escape(&format!("{name}: {line}"), LINE_CHARS);
+    let text = escape(&format!("{name}{line}"), LINE_CHARS);
     match bars {
         Some(m) => m.suspend(|| emit(out, &text)),
         None => emit(out, &text),
     }
+}
+
+/// How a host command fans out and prints, beyond the target flags.
+#[derive(Default)]
+pub(super) struct Plan {
+    /// Hosts at a time unless `--parallel` says otherwise [default: all].
+    pub(super) parallel: Option<usize>,
+    /// Stop starting hosts after this many failed (`remediate --max-failures`).
+    pub(super) max_failures: Option<usize>,
+    /// The most bytes a task can honestly need (the image's VIB sizes), bounding the bars.
+    pub(super) max_bytes: Option<u64>,
+    /// A table header: rows are `host  line` under it instead of `host: line` (`status`).
+    pub(super) header: Option<String>,
 }
 
 /// Runs `op` on every target with at most `parallel` at once; `max_failures` stops starting new
@@ -277,15 +296,20 @@ pub(super) fn fan_out<F, Fut>(
     ctx: &Context,
     out: &mut dyn Write,
     clients: Vec<AgentClient>,
-    default_parallel: Option<usize>,
-    max_failures: Option<usize>,
-    max_bytes: Option<u64>,
+    plan: Plan,
     op: F,
 ) -> Result<(), CliError>
 where
     F: Fn(AgentClient, Watch) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Outcome, ClientError>> + Send + 'static,
 {
+    let Plan {
+        parallel: default_parallel,
+        max_failures,
+        max_bytes,
+        header,
+    } = plan;
+    let header = header.as_deref();
     let parallel = ctx
         .target
         .parallel
@@ -296,6 +320,27 @@ where
     let timeout = ctx.target.timeout;
     let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
     let every_line = ctx.target.verbose || names.len() <= SMALL_FLEET;
+    // A table (`status`): the host column padded to the longest name, under a header line;
+    // otherwise `host: line`.
+    let width = names
+        .iter()
+        .map(|n| escape(n, 40).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
+    let row_name = |i: usize| match header {
+        Some(_) => {
+            let name = escape(&names[i], 40);
+            let pad = width.saturating_sub(name.chars().count());
+            format!("{name}{}  ", " ".repeat(pad))
+        }
+        None => format!("{}: ", names[i]),
+    };
+    if let Some(header) = header
+        && !ctx.json
+    {
+        emit(out, format_args!("{:<width$}  {header}", "HOST"))?;
+    }
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| CliError::io("start", "the async runtime", e))?;
     let bars = (std::io::stdout().is_terminal() && !ctx.json).then(MultiProgress::new);
@@ -357,7 +402,16 @@ where
                     Some((i, Event::Ended(end))) => {
                         let (line, _, class) = describe(&end, timeout);
                         if !ctx.json && (every_line || class != Class::Ok) {
-                            print_line(out, bars.as_ref(), &names[i], &line)?;
+                            print_line(out, bars.as_ref(), &row_name(i), &line)?;
+                            if let End::Done(Ok(o)) = &end {
+                                for more in &o.more {
+                                    print_line(out, bars.as_ref(), &row_name(i), more)?;
+                                }
+                                for (code, message) in &o.facts.notifications {
+                                    let note = format!("  note: {code}: {message}");
+                                    print_line(out, bars.as_ref(), &row_name(i), &note)?;
+                                }
+                            }
                         }
                         ends[i] = Some(end);
                     }
@@ -378,6 +432,14 @@ where
         if let Some(total) = total {
             total.finish_and_clear();
         }
+        if cut == Some(true) && !ctx.json && task_of.iter().any(|w| w.task().is_some()) {
+            let note =
+                "interrupted: only the waiting stopped; the tasks below go on on their hosts";
+            match bars.as_ref() {
+                Some(m) => m.suspend(|| emit(out, note))?,
+                None => emit(out, note)?,
+            }
+        }
         for (i, end) in ends.iter_mut().enumerate() {
             if end.is_none() {
                 if let Some(bar) = &task_of[i].bar {
@@ -392,9 +454,15 @@ where
                         "internal error: the host's result was lost".into(),
                     ))),
                 };
-                let (line, _, _) = describe(&cut_end, timeout);
+                let (mut line, _, _) = describe(&cut_end, timeout);
+                if let Some(task) = task_of[i].task() {
+                    line.push_str(&format!(
+                        "; follow it with: {}",
+                        follow_command(ctx, &names[i], &task)
+                    ));
+                }
                 if !ctx.json {
-                    print_line(out, bars.as_ref(), &names[i], &line)?;
+                    print_line(out, bars.as_ref(), &row_name(i), &line)?;
                 }
                 *end = Some(cut_end);
             }
@@ -427,23 +495,105 @@ where
     if interrupted {
         Err(CliError::Interrupted)
     } else if any(Class::Unreachable) {
+        let hosts: Vec<&str> = classes
+            .iter()
+            .filter(|(_, k)| *k == Class::Unreachable)
+            .map(|(name, _)| *name)
+            .collect();
+        let shown = if hosts.len() > 5 {
+            format!("{} and {} more", hosts[..5].join(", "), hosts.len() - 5)
+        } else {
+            hosts.join(", ")
+        };
         Err(CliError::Unreachable {
-            target: "one or more hosts".into(),
-            message: "unreachable or refused the request".into(),
+            target: ctx.command.into(),
+            message: escape(
+                &format!("could not reach, or was refused by, {shown} (see the lines above)"),
+                LINE_CHARS,
+            ),
         })
     } else if classes.iter().any(|(_, k)| *k != Class::Ok) {
-        let message = if any(Class::TimedOut) {
-            "the operation failed or timed out on at least one host"
+        let not_ok: Vec<&str> = classes
+            .iter()
+            .filter(|(_, k)| *k != Class::Ok)
+            .map(|(name, _)| *name)
+            .collect();
+        let what = if any(Class::TimedOut) {
+            "failed or timed out"
         } else {
-            "the operation failed on at least one host"
+            "failed"
         };
-        Err(CliError::Failed {
-            code: vibstage_protocol::ErrorCode::Internal,
-            message: message.into(),
-        })
+        let hosts = if not_ok.len() > 5 {
+            format!(
+                "{} hosts ({} and {} more)",
+                not_ok.len(),
+                not_ok[..5].join(", "),
+                not_ok.len() - 5
+            )
+        } else {
+            not_ok.join(", ")
+        };
+        Err(CliError::OnHosts(escape(
+            &format!(
+                "{} {what} on {hosts}{}",
+                ctx.command,
+                if names.len() == 1 {
+                    " (see the line above)"
+                } else {
+                    " (see each host's line above)"
+                }
+            ),
+            LINE_CHARS,
+        )))
     } else {
         Ok(())
     }
+}
+
+/// The command line that follows `task` on the host named `name` with the same target flags:
+/// what to type after Ctrl-C or `--timeout` to see the task to its end.
+fn follow_command(ctx: &Context, name: &str, task: &str) -> String {
+    let mut words = vec!["vibstagectl".to_owned()];
+    let quote = |s: &str| {
+        if !s.is_empty()
+            && s.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'-' | b'_' | b'.' | b'/' | b':' | b'[' | b']')
+            })
+        {
+            s.to_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    if ctx.target.host.is_empty() && ctx.target.hosts.is_none() {
+        if let Some(socket) = &ctx.target.socket {
+            words.push(format!("--socket {}", quote(&socket.display().to_string())));
+        }
+    } else {
+        if let Some(dir) = &ctx.target.tls_dir {
+            words.push(format!("--tls-dir {}", quote(&dir.display().to_string())));
+        }
+        words.push(format!("--host {}", quote(name)));
+    }
+    words.push(format!("task {} --wait", quote(task)));
+    words.join(" ")
+}
+
+/// `bytes` in binary units with one decimal (`512 B`, `1.5 KiB`, `40.0 GiB`), as the progress
+/// bars show them.
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -484,7 +634,7 @@ fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
         if let Some(s) = f.staged {
             *staged.entry(s).or_default() += 1;
         }
-        for code in &f.notifications {
+        for (code, _) in &f.notifications {
             *codes.entry(code.as_str()).or_default() += 1;
         }
     }
@@ -534,6 +684,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(40 << 30), "40.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
     fn total_bar_sum_saturates_instead_of_wrapping() {
         assert_eq!(saturating_total([u64::MAX, 5].into_iter()), u64::MAX);
         assert_eq!(saturating_total([1, 2, 3].into_iter()), 6);
@@ -546,7 +705,7 @@ mod tests {
             Facts {
                 compliance: Some("staged".into()),
                 staged: Some(true),
-                notifications: vec!["firmware_staging_unsupported".into()],
+                notifications: vec![("firmware_staging_unsupported".into(), "m".into())],
             },
             Facts::default(),
         ];

@@ -23,7 +23,7 @@ use vibstage_protocol::api::{Task, TaskResponse, TaskState};
 use vibstage_protocol::{Envelope, Image, VibDescriptor};
 
 use super::escape::escape;
-use super::fanout::{Facts, Outcome, Watch, fan_out, ok};
+use super::fanout::{Facts, Outcome, Plan, Watch, fan_out, ok};
 use super::{CliError, Context};
 use crate::client::{AgentClient, ClientError, HostAddr, path_segment};
 
@@ -59,9 +59,10 @@ pub struct LifecycleArgs {
     /// The signed image.
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
-    /// Base URL of the depot the agents fetch from.
-    #[arg(long, value_name = "URL")]
-    pub depot: String,
+    /// Base URL of the depot the agents fetch from (http:// or https://); repeatable, tried in
+    /// order for each VIB.
+    #[arg(long, value_name = "URL", required = true, value_parser = parse_depot_url)]
+    pub depot: Vec<String>,
     /// Wait for the task to end and report its result (required by `remediate` with several
     /// hosts, which finishes each host before it starts the next).
     #[arg(long)]
@@ -99,6 +100,23 @@ pub struct TaskArgs {
     pub wait: bool,
 }
 
+/// A depot URL as the agents need it: `http://` or `https://` and a host. Caught here, with
+/// exit 2, rather than as a failed task on every host (issue 17, item 8).
+fn parse_depot_url(s: &str) -> Result<String, String> {
+    let hint = "expected a depot base URL such as https://depot.example/ or http://127.0.0.1:8080/";
+    let url = reqwest::Url::parse(s).map_err(|e| format!("{e}; {hint}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme \"{}\" is neither http nor https; {hint}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("no host in the URL; {hint}"));
+    }
+    Ok(s.to_owned())
+}
+
 /// Refuses task ids that are not plain ids: a host could otherwise steer later requests with an
 /// id such as `../status#` (issue 18, item 7).
 fn check_task_id(id: &str) -> Result<(), String> {
@@ -122,6 +140,32 @@ fn check_task_id(id: &str) -> Result<(), String> {
 /// port. A line that is not a host is a usage error naming its line; a host named twice is
 /// contacted once, with a warning.
 fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
+    let Some(parsed) = remote_targets(ctx)? else {
+        let socket = ctx
+            .target
+            .socket
+            .clone()
+            .unwrap_or_else(|| super::DEFAULT_SOCKET.into());
+        check_socket(&socket)?;
+        return AgentClient::local(&socket)
+            .map(|c| vec![c])
+            .map_err(|e| CliError::Usage(e.to_string()));
+    };
+    let Some(tls_dir) = &ctx.target.tls_dir else {
+        return Err(CliError::Usage(
+            "--host/--hosts need --tls-dir DIR (ca.pem, client.pem, client.key)".into(),
+        ));
+    };
+    parsed
+        .iter()
+        .map(|(addr, raw)| {
+            AgentClient::remote(addr, raw, tls_dir).map_err(|e| CliError::Usage(e.to_string()))
+        })
+        .collect()
+}
+
+/// The remote targets, parsed and without duplicates, or `None` for the local socket.
+fn remote_targets(ctx: &Context) -> Result<Option<Vec<(HostAddr, String)>>, CliError> {
     let mut named: Vec<(String, String)> = ctx
         .target
         .host
@@ -140,14 +184,8 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
             }
         }
     }
-    let setup = |e: ClientError| CliError::Usage(e.to_string());
     if named.is_empty() {
-        let socket = ctx
-            .target
-            .socket
-            .clone()
-            .unwrap_or_else(|| super::DEFAULT_SOCKET.into());
-        return Ok(vec![AgentClient::local(&socket).map_err(setup)?]);
+        return Ok(None);
     }
     let mut parsed = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -167,15 +205,38 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
         seen.insert(addr.authority(), source);
         parsed.push((addr, raw));
     }
-    let Some(tls_dir) = &ctx.target.tls_dir else {
-        return Err(CliError::Usage(
-            "--host/--hosts need --tls-dir DIR (ca.pem, client.pem, client.key)".into(),
-        ));
+    Ok(Some(parsed))
+}
+
+/// Tries the local socket once before the real request so that the two usual mistakes get a
+/// sentence saying what to do instead of a raw `os error` (issue 17, item 9): no agent there
+/// (exit 3), or a user other than root (the socket is mode 0600; exit 3, the agent refuses us).
+fn check_socket(socket: &std::path::Path) -> Result<(), CliError> {
+    let unreachable = |message: String| CliError::Unreachable {
+        target: "local agent".into(),
+        message,
     };
-    parsed
-        .iter()
-        .map(|(addr, raw)| AgentClient::remote(addr, raw, tls_dir).map_err(setup))
-        .collect()
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(_) => Ok(()),
+        Err(e) => match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                Err(unreachable(format!(
+                    "no agent listening at {}: is vibstaged running? use --socket PATH for \
+                     another socket, or --host HOST for a remote agent",
+                    socket.display()
+                )))
+            }
+            std::io::ErrorKind::PermissionDenied => Err(unreachable(
+                "the local socket is root-only: run as root (sudo) or use --host HOST over \
+                 mutual TLS"
+                    .into(),
+            )),
+            _ => Err(unreachable(format!(
+                "cannot connect to the local agent: {}",
+                super::io_message(&e)
+            ))),
+        },
+    }
 }
 
 fn read_image(path: &PathBuf) -> Result<Envelope, CliError> {
@@ -206,8 +267,26 @@ fn word<T: serde::Serialize>(v: &T) -> String {
     to_json(v).as_str().unwrap_or("?").to_owned()
 }
 
-fn codes(notifications: &[vibstage_protocol::api::Notification]) -> Vec<String> {
-    notifications.iter().map(|n| n.code.clone()).collect()
+fn codes(notifications: &[vibstage_protocol::api::Notification]) -> Vec<(String, String)> {
+    notifications
+        .iter()
+        .map(|n| (n.code.clone(), n.message.clone()))
+        .collect()
+}
+
+/// One row of `status`'s table (issue 17, item 13): compliance, staged mark, firmware, free
+/// scratch space, running task.
+/// The host id the agent reports closes the row: an address in `--hosts` says little about
+/// which machine answered.
+fn status_row(
+    compliance: &str,
+    staged: &str,
+    firmware: &str,
+    free: &str,
+    task: &str,
+    host_id: &str,
+) -> String {
+    format!("{compliance:<14} {staged:<6} {firmware:<14} {free:>12}  {task:<16}  {host_id}")
 }
 
 /// `status`.
@@ -217,29 +296,31 @@ pub fn status(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
         ctx,
         out,
         clients,
-        None,
-        None,
-        None,
+        Plan {
+            header: Some(status_row(
+                "COMPLIANCE",
+                "STAGED",
+                "FIRMWARE",
+                "SCRATCH FREE",
+                "TASK",
+                "HOST ID",
+            )),
+            ..Plan::default()
+        },
         |client, _| async move {
             let s: vibstage_protocol::api::HostStatus = client.get("/v1/status").await?;
-            let line = format!(
-                "{} compliance={} staged={} staging={} firmware={} persistent={} bytes={} maintenance={} installed={} scratch_free={}{}",
-                s.host_id,
-                word(&s.compliance.status),
-                s.staging.staged,
-                word(&s.staging.state),
-                word(&s.staging.firmware),
-                s.staging.persistent,
-                s.staging.bytes,
-                s.maintenance.active,
-                s.installed
-                    .image
-                    .as_ref()
-                    .map_or("none".into(), |i| format!("{}#{}", i.name, i.serial)),
-                s.scratch.free_bytes,
-                s.running_task
-                    .as_ref()
-                    .map_or(String::new(), |t| format!(" task={t}")),
+            let line = status_row(
+                &word(&s.compliance.status),
+                &s.staging.staged.to_string(),
+                &word(&s.staging.firmware),
+                &super::fanout::human_bytes(s.scratch.free_bytes),
+                &match (&s.running_task, s.maintenance.active) {
+                    (Some(t), true) => format!("{t} (in maintenance mode)"),
+                    (Some(t), false) => t.clone(),
+                    (None, true) => "- (in maintenance mode)".into(),
+                    (None, false) => "-".into(),
+                },
+                &s.host_id,
             );
             let facts = Facts {
                 compliance: Some(word(&s.compliance.status)),
@@ -255,7 +336,7 @@ pub fn status(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
 pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     let image = Arc::new(read_image(&args.image)?);
     let clients = targets(ctx)?;
-    fan_out(ctx, out, clients, None, None, None, move |client, _| {
+    fan_out(ctx, out, clients, Plan::default(), move |client, _| {
         let image = image.clone();
         async move {
             let (_, r): (u16, vibstage_protocol::api::ComplianceReport) = client
@@ -351,6 +432,7 @@ fn task_outcome(task: &Task) -> Outcome {
         ),
     };
     Outcome {
+        more: Vec::new(),
         line,
         json: to_json(task),
         failed,
@@ -379,7 +461,10 @@ pub fn lifecycle(
         ));
     }
     let max_bytes = image_bytes(&image);
-    let depot = Arc::new(args.depot);
+    let depot = Arc::new(match args.depot.as_slice() {
+        [one] => json!(one),
+        many => json!(many),
+    });
     let path = if remediate {
         "/v1/remediate"
     } else {
@@ -394,9 +479,12 @@ pub fn lifecycle(
         ctx,
         out,
         clients,
-        parallel,
-        max_failures,
-        max_bytes,
+        Plan {
+            parallel,
+            max_failures,
+            max_bytes,
+            header: None,
+        },
         move |client, watch| {
             let (image, depot) = (image.clone(), depot.clone());
             async move {
@@ -404,17 +492,11 @@ pub fn lifecycle(
                     .post(path, &json!({"image": *image, "depot": *depot}))
                     .await?;
                 let Some(task) = r.task else {
-                    let why: Vec<&str> =
-                        r.notifications.iter().map(|n| n.message.as_str()).collect();
                     let facts = Facts {
                         notifications: codes(&r.notifications),
                         ..Facts::default()
                     };
-                    return Ok(ok(
-                        format!("nothing to do: {}", why.join("; ")),
-                        to_json(&r),
-                        facts,
-                    ));
+                    return Ok(ok("nothing to do".into(), to_json(&r), facts));
                 };
                 check_task_id(&task.id).map_err(ClientError::Protocol)?;
                 if !wait {
@@ -436,42 +518,36 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
     match args.command {
         None => {
             let clients = targets(ctx)?;
-            fan_out(
-                ctx,
-                out,
-                clients,
-                None,
-                None,
-                None,
-                |client, _| async move {
-                    let list: vibstage_protocol::api::StagedList = client.get("/v1/staged").await?;
-                    let items: Vec<String> = list
-                        .staged
-                        .iter()
-                        .map(|s| {
-                            format!(
-                                "{} {}#{} {} {} bytes {}",
-                                s.image.digest,
-                                s.image.name,
-                                s.image.serial,
-                                word(&s.state),
-                                s.bytes,
-                                if s.persistent {
-                                    "persistent"
-                                } else {
-                                    "volatile"
-                                }
-                            )
-                        })
-                        .collect();
-                    let line = if items.is_empty() {
-                        "nothing staged".into()
-                    } else {
-                        items.join("; ")
-                    };
-                    Ok(ok(line, to_json(&list), Facts::default()))
-                },
-            )
+            fan_out(ctx, out, clients, Plan::default(), |client, _| async move {
+                let list: vibstage_protocol::api::StagedList = client.get("/v1/staged").await?;
+                let items: Vec<String> = list
+                    .staged
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "  {} {}#{} {} {} {}",
+                            s.image.digest,
+                            s.image.name,
+                            s.image.serial,
+                            word(&s.state),
+                            super::fanout::human_bytes(s.bytes),
+                            if s.persistent {
+                                "persistent"
+                            } else {
+                                "volatile (lost on reboot)"
+                            }
+                        )
+                    })
+                    .collect();
+                let line = match items.len() {
+                    0 => "nothing staged".into(),
+                    1 => "1 staged image:".into(),
+                    n => format!("{n} staged images:"),
+                };
+                let mut o = ok(line, to_json(&list), Facts::default());
+                o.more = items;
+                Ok(o)
+            })
         }
         Some(StagedCommand::Rm { digest }) => {
             let digest: vibstage_protocol::ImageDigest = digest
@@ -482,9 +558,7 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
                 ctx,
                 out,
                 clients,
-                None,
-                None,
-                None,
+                Plan::default(),
                 move |client, _| async move {
                     let v: Value = client
                         .delete(&format!("/v1/staged/{}", path_segment(&digest.to_string())))
@@ -499,35 +573,54 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
 /// `tasks`.
 pub fn tasks(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     let clients = targets(ctx)?;
-    fan_out(
-        ctx,
-        out,
-        clients,
-        None,
-        None,
-        None,
-        |client, _| async move {
-            let list: vibstage_protocol::api::TaskList = client.get("/v1/tasks").await?;
-            let items: Vec<String> = list
-                .tasks
-                .iter()
-                .map(|t| format!("{} {} {}", t.id, word(&t.kind), word(&t.state)))
-                .collect();
-            Ok(ok(
-                format!("{} task(s): {}", items.len(), items.join("; ")),
-                to_json(&list),
-                Facts::default(),
-            ))
-        },
-    )
+    fan_out(ctx, out, clients, Plan::default(), |client, _| async move {
+        let list: vibstage_protocol::api::TaskList = client.get("/v1/tasks").await?;
+        let items: Vec<String> = list
+            .tasks
+            .iter()
+            .map(|t| {
+                let updated = t
+                    .updated_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                let error = t
+                    .error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" {}: {}", e.code, e.message));
+                format!(
+                    "  {} {:<9} {:<9} {updated}{error}",
+                    t.id,
+                    word(&t.kind),
+                    word(&t.state)
+                )
+            })
+            .collect();
+        let line = match items.len() {
+            0 => "no tasks".into(),
+            1 => "1 task:".into(),
+            n => format!("{n} tasks, newest first:"),
+        };
+        let mut o = ok(line, to_json(&list), Facts::default());
+        o.more = items;
+        Ok(o)
+    })
 }
 
 /// `task ID [--wait]`.
 pub fn task(args: TaskArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     check_task_id(&args.id).map_err(CliError::Usage)?;
     let (id, wait) = (Arc::new(args.id), args.wait);
+    if remote_targets(ctx)?.is_some_and(|hosts| hosts.len() > 1) {
+        // Each host numbers its own tasks: one id names one task on one host (issue 17, item 11).
+        return Err(CliError::Usage(format!(
+            "a task id names a task on one host, and ids differ from host to host, so `task {}` \
+             takes a single --host; `tasks` lists each host's tasks, and `stage`/`remediate` print \
+             each host's task id",
+            escape(&id, 80)
+        )));
+    }
     let clients = targets(ctx)?;
-    fan_out(ctx, out, clients, None, None, None, move |client, watch| {
+    fan_out(ctx, out, clients, Plan::default(), move |client, watch| {
         let id = id.clone();
         async move {
             let task: Task = client
@@ -570,6 +663,21 @@ mod tests {
             assert!(check_task_id(bad).is_err(), "{bad:?}");
         }
         assert!(check_task_id(&"a".repeat(MAX_TASK_ID + 1)).is_err());
+    }
+
+    #[test]
+    fn depot_urls_need_a_web_scheme_and_a_host() {
+        assert!(parse_depot_url("https://depot.example/").is_ok());
+        assert!(parse_depot_url("http://127.0.0.1:8080").is_ok());
+        for bad in [
+            "htp://depot",
+            "depot.example",
+            "/srv/depot",
+            "https://",
+            "file:///srv",
+        ] {
+            assert!(parse_depot_url(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -148,6 +148,27 @@ pub enum Command {
     GenerateDocs(docs::Args),
 }
 
+impl Command {
+    /// The subcommand's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Keygen(_) => "keygen",
+            Command::Certs(_) => "certs",
+            Command::Depot(_) => "depot",
+            Command::Image(_) => "image",
+            Command::Status => "status",
+            Command::Check(_) => "check",
+            Command::Stage(_) => "stage",
+            Command::Remediate(_) => "remediate",
+            Command::Staged(_) => "staged",
+            Command::Tasks => "tasks",
+            Command::Task(_) => "task",
+            Command::Demo(_) => "demo",
+            Command::GenerateDocs(_) => "generate-docs",
+        }
+    }
+}
+
 /// What every subcommand may consult besides its own arguments.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -155,6 +176,9 @@ pub struct Context {
     pub json: bool,
     /// The target flags, for subcommands that talk to agents.
     pub target: TargetArgs,
+    /// The subcommand's name as typed (`stage`, `status`, …), for messages such as "stage
+    /// failed on esx-01".
+    pub command: &'static str,
 }
 
 /// Why `vibstagectl` failed. Each variant maps to one exit code in [`CliError::exit_code`].
@@ -185,6 +209,10 @@ pub enum CliError {
         /// What failed, naming the document or file.
         message: String,
     },
+    /// The operation ran and failed (or timed out) on some hosts; each host's line said why
+    /// (exit 1).
+    #[error("{0}")]
+    OnHosts(String),
     /// Reading or writing a file failed while doing the work (exit 1).
     #[error("failed to {action} {}: {}", path.display(), io_message(source))]
     Io {
@@ -211,7 +239,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) | CliError::Config { .. } => 2,
-            CliError::Failed { .. } | CliError::Io { .. } => 1,
+            CliError::Failed { .. } | CliError::Io { .. } | CliError::OnHosts(_) => 1,
             CliError::Unreachable { .. } => 3,
             CliError::Interrupted => 130,
         }
@@ -272,6 +300,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let ctx = Context {
         json: cli.json,
         target: cli.target,
+        command: cli.command.name(),
     };
     match cli.command {
         Command::Keygen(args) => keygen::run(args, &ctx, out),
