@@ -61,7 +61,7 @@ pub fn load_trust(config: &Config, path: &Path) -> Result<TrustStore, ConfigErro
                 max_acceptance: entry.max_acceptance.unwrap_or(AcceptanceLevel::Partner),
             },
         };
-        keys.push(TrustedKey::new(key, role));
+        keys.push(TrustedKey::new(key, role).with_label(entry.file.display().to_string()));
     }
     Ok(TrustStore::new(keys).with_threshold(config.trust.threshold))
 }

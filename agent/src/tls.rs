@@ -67,6 +67,7 @@ pub fn server_config(
     key: &Path,
     client_ca: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let key_path = key;
     let chain = load_certs("tls.cert", cert)?;
     let key = load_key("tls.key", key)?;
     let mut roots = RootCertStore::empty();
@@ -86,7 +87,19 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::Config(format!(
+                "the private key in tls.key ({}) does not match the certificate in tls.cert \
+                 ({}): {e}; give the key the certificate was issued for",
+                key_path.display(),
+                cert.display()
+            )),
+            e => TlsError::Config(format!(
+                "tls.cert {} with tls.key {}: {e}",
+                cert.display(),
+                key_path.display()
+            )),
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -38,6 +38,9 @@ pub struct TrustedKey {
     pub key: VerifyingKey,
     /// What it may sign.
     pub role: KeyRole,
+    /// Where the key came from (its file), named in refusals so that an operator can tell which
+    /// configured key a bare key id is; empty when unknown.
+    pub label: String,
 }
 
 impl TrustedKey {
@@ -47,6 +50,28 @@ impl TrustedKey {
             id: key_id(&key),
             key,
             role,
+            label: String::new(),
+        }
+    }
+
+    /// The same key, labelled with where it came from (a file name).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
+    /// "`label` (role `image`)", or the key id when unlabelled.
+    fn describe(&self) -> String {
+        let role = match self.role {
+            KeyRole::Image => "image".to_owned(),
+            KeyRole::Vib { max_acceptance } => {
+                format!("vib, up to {}", max_acceptance.as_str())
+            }
+        };
+        if self.label.is_empty() {
+            format!("key {} (role {role})", self.id)
+        } else {
+            format!("{} (role {role})", self.label)
         }
     }
 }
@@ -166,7 +191,29 @@ fn verify_envelope<'a>(
             needed: store.threshold,
         });
     }
-    let signers: BTreeSet<String> = env.signatures.iter().map(|s| s.keyid.to_string()).collect();
+    // Name each signer the store knows in another role by its file and role: "signed by
+    // 3fa2…" alone does not tell the operator that the vendor key signed the image.
+    let signers: BTreeSet<String> = env
+        .signatures
+        .iter()
+        .map(|s| {
+            let known: Vec<String> = store
+                .keys
+                .iter()
+                .filter(|k| k.id == s.keyid)
+                .map(TrustedKey::describe)
+                .collect();
+            if known.is_empty() {
+                format!("{} (not in the trust store)", s.keyid)
+            } else {
+                format!(
+                    "{}, which is {}, not a key trusted for this",
+                    s.keyid,
+                    known.join(" and ")
+                )
+            }
+        })
+        .collect();
     Err(VerifyError::UntrustedKey {
         doc,
         keyids: if signers.is_empty() {

@@ -294,3 +294,99 @@ fn status_is_a_table_and_tasks_one_a_line() {
     assert!(task_lines[0].contains("succeeded"), "{stdout}");
     assert!(stdout.contains("1 task:"), "{stdout}");
 }
+
+/// Item 10: a `.vib` given as `--image`, an image signed by the vendor (`vib`) key, and a TLS
+/// key that does not match its certificate each say which file is wrong and why.
+#[test]
+fn wrong_files_are_named_with_what_they_are() {
+    let world = World::new();
+    world.add_vibs(&[VibFile::software("esx-base", 100_000)]);
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    a.start();
+
+    let vib = world.dir.path().join("esx-base.vib");
+    let mut ar = b"!<arch>\n".to_vec();
+    ar.extend_from_slice(&[0xff, 0xfe, 0x00, 0x80]);
+    std::fs::write(&vib, ar).expect("vib");
+    let out = ctl(
+        &world,
+        &[&a],
+        &["check", "--image", vib.to_str().expect("utf8")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is a VIB file (an ar archive), not a signed image"),
+        "{err}"
+    );
+    assert!(err.contains("images/NAME.json"), "{err}");
+    assert!(!err.contains("UTF-8"), "{err}");
+
+    // An image signed with the vendor's key, which the agent trusts only for descriptors.
+    let spec = vibstage::cli::image::ImageSpec {
+        name: "esx-8.0u2".parse().expect("name"),
+        serial: 1,
+        expires: time::OffsetDateTime::now_utc() + time::Duration::days(30),
+        base_image: vibstage_protocol::version::Version("8.0.2-0.20".into()),
+        components: vec!["ESXi=8.0.2-0.20".parse().expect("component")],
+    };
+    let created = vibstage::cli::image::create(
+        &world.depot_dir,
+        &world.vendor_key,
+        &spec,
+        &[world.vendor_key.verifying_key()],
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    )
+    .expect("create");
+    let image = created.path.to_str().expect("utf8").to_owned();
+    let out = ctl(&world, &[&a], &["check", "--image", &image]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let shown = text(&out);
+    let vendor_pub = world.dir.path().join("vendor.pub");
+    assert!(shown.contains("untrusted_key"), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "{} (role vib, up to partner)",
+            vendor_pub.display()
+        )),
+        "{shown}"
+    );
+    // `image verify` names the file as given.
+    let out = Command::new(vibstagectl())
+        .args(["image", "verify", "--image-key"])
+        .arg(world.dir.path().join("image.pub"))
+        .arg("--vib-key")
+        .arg(&vendor_pub)
+        .arg(&image)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "{} (given as --vib-key) (role vib",
+            vendor_pub.display()
+        )),
+        "{}",
+        text(&out)
+    );
+
+    // tls.key from another certificate.
+    let other = world.agent("esx-02", AgentOptions::default());
+    std::fs::copy(other.home.join("agent.key"), a.home.join("agent.key")).expect("copy key");
+    let out = Command::new(vibstage_e2e::vibstaged())
+        .arg("--config")
+        .arg(&a.config)
+        .arg("--check-config")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the private key in tls.key ({}) does not match the certificate in tls.cert ({})",
+            a.home.join("agent.key").display(),
+            a.home.join("agent.pem").display()
+        )),
+        "{err}"
+    );
+}

@@ -392,12 +392,52 @@ fn bad_request(message: String) -> CliError {
     }
 }
 
+/// Parses a signed image file, telling the usual wrong files apart (issue 17, item 10): a `.vib`
+/// (an ar archive), an offline bundle (zip), other binary data, or JSON that is not an envelope.
+pub fn parse_image_file(file: &Path, bytes: &[u8]) -> Result<Envelope, String> {
+    let what = if bytes.starts_with(b"!<arch>\n") {
+        Some("a VIB file (an ar archive)")
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        Some("a zip archive (an offline bundle?)")
+    } else if std::str::from_utf8(bytes).is_err() {
+        Some("binary data")
+    } else {
+        None
+    };
+    let hint = "--image takes a signed image, the JSON file `vibstagectl image create` writes \
+                as DEPOT/images/NAME.json";
+    if let Some(what) = what {
+        return Err(format!(
+            "{} is {what}, not a signed image; {hint}",
+            file.display()
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        format!(
+            "{} is not a signed image (a DSSE envelope: {e}); {hint}",
+            file.display()
+        )
+    })
+}
+
 /// Verifies the image in `file` as an agent trusting `image_keys` for images and `vib_keys` for
 /// descriptors up to `certified` would, at `host` acceptance level and time `now`.
 pub fn verify(
     file: &Path,
     image_keys: &[VerifyingKey],
     vib_keys: &[VerifyingKey],
+    host: AcceptanceLevel,
+    now: OffsetDateTime,
+) -> Result<Verified, CliError> {
+    verify_labelled(file, image_keys, vib_keys, &[], host, now)
+}
+
+/// [`verify`], naming the keys in refusals by `labels` (image keys first, then vib keys).
+pub fn verify_labelled(
+    file: &Path,
+    image_keys: &[VerifyingKey],
+    vib_keys: &[VerifyingKey],
+    labels: &[String],
     host: AcceptanceLevel,
     now: OffsetDateTime,
 ) -> Result<Verified, CliError> {
@@ -408,8 +448,7 @@ pub fn verify(
             io_message(&e)
         ))
     })?;
-    let envelope: Envelope = serde_json::from_slice(&bytes)
-        .map_err(|e| bad_request(format!("{} is not a DSSE envelope: {e}", file.display())))?;
+    let envelope: Envelope = parse_image_file(file, &bytes).map_err(bad_request)?;
     let keys = image_keys
         .iter()
         .map(|k| TrustedKey::new(*k, KeyRole::Image))
@@ -421,6 +460,11 @@ pub fn verify(
                 },
             )
         }))
+        .zip(labels.iter().map(Some).chain(std::iter::repeat(None)))
+        .map(|(k, label)| match label {
+            Some(l) => k.with_label(l.clone()),
+            None => k,
+        })
         .collect();
     let store = TrustStore::new(keys);
     let image =
@@ -601,10 +645,21 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 .iter()
                 .map(|p| load_verifying_key(p))
                 .collect::<Result<Vec<_>, _>>()?;
-            let verified = verify(
+            let labels: Vec<String> = a
+                .image_keys
+                .iter()
+                .map(|p| format!("{} (given as --image-key)", p.display()))
+                .chain(
+                    a.vib_keys
+                        .iter()
+                        .map(|p| format!("{} (given as --vib-key)", p.display())),
+                )
+                .collect();
+            let verified = verify_labelled(
                 &a.file,
                 &image_keys,
                 &vib_keys,
+                &labels,
                 a.acceptance,
                 OffsetDateTime::now_utc(),
             )?;
