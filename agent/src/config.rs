@@ -267,6 +267,64 @@ pub struct InstallSection {
 }
 
 impl Config {
+    /// The dotted keys that differ between the running configuration (`self`) and `new` and that
+    /// SIGHUP does not apply (everything but the trust store, `[depot]`, the allow-lists and,
+    /// while the mTLS listener runs, the TLS files): they need a restart.
+    pub fn restart_needed(&self, new: &Config, tls_listening: bool) -> Vec<&'static str> {
+        fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let mut keys = Vec::new();
+        let mut check = |key: &'static str, changed: bool| {
+            if changed {
+                keys.push(key);
+            }
+        };
+        let (a, b) = (self, new);
+        check("agent.host_id", differs(&a.agent.host_id, &b.agent.host_id));
+        check(
+            "agent.acceptance_level",
+            differs(&a.agent.acceptance_level, &b.agent.acceptance_level),
+        );
+        check("agent.state_dir", a.agent.state_dir != b.agent.state_dir);
+        check("scratch.path", a.scratch.path != b.scratch.path);
+        check(
+            "scratch.volatile_path",
+            a.scratch.volatile_path != b.scratch.volatile_path,
+        );
+        check(
+            "scratch.reserve_bytes",
+            a.scratch.reserve_bytes != b.scratch.reserve_bytes,
+        );
+        check(
+            "scratch.concurrency",
+            a.scratch.concurrency != b.scratch.concurrency,
+        );
+        check("listen.tcp", a.listen.tcp != b.listen.tcp);
+        check("listen.socket", a.listen.socket != b.listen.socket);
+        if !tls_listening {
+            check("tls.cert", a.tls.cert != b.tls.cert);
+            check("tls.key", a.tls.key != b.tls.key);
+            check("tls.client_ca", a.tls.client_ca != b.tls.client_ca);
+        }
+        check("host.dpus", a.host.dpus != b.host.dpus);
+        check(
+            "host.firmware_staging_vendors",
+            a.host.firmware_staging_vendors != b.host.firmware_staging_vendors,
+        );
+        check(
+            "maintenance.enter",
+            a.maintenance.enter != b.maintenance.enter,
+        );
+        check("maintenance.exit", a.maintenance.exit != b.maintenance.exit);
+        check(
+            "maintenance.timeout_secs",
+            a.maintenance.timeout_secs != b.maintenance.timeout_secs,
+        );
+        check("install.command", a.install.command != b.install.command);
+        keys
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -191,24 +191,7 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
         reserve_bytes: config.scratch.reserve_bytes,
     });
     let metrics = Metrics::default();
-    let ca_pem = if config.depot.ca.as_os_str().is_empty() {
-        None
-    } else {
-        Some(
-            std::fs::read(&config.depot.ca)
-                .map_err(|e| DaemonError::runtime("cannot read depot.ca", e))?,
-        )
-    };
-    let fetcher = Fetcher::new(
-        FetchConfig {
-            allow_http: config.depot.allow_http,
-            ca_pem,
-            timeout: Duration::from_secs(config.depot.timeout_secs),
-            retries: config.depot.retries,
-        },
-        metrics.fetch.clone(),
-    )
-    .map_err(|e| DaemonError::runtime("cannot build the depot client", e))?;
+    let fetcher = build_fetcher(&config, &metrics)?;
     let stager = Stager::new(stores, fetcher, config.scratch.concurrency);
     let state_file = StateFile::new(&config.agent.state_dir);
     let (mut state, warning) = state_file
@@ -353,8 +336,34 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// SIGHUP: re-reads the configuration and replaces the trust store, the TLS certificates and the
-/// allow-lists. Anything broken is reported and the old setting kept.
+/// The depot client of `[depot]` (SPEC §4): at start, and again on SIGHUP.
+fn build_fetcher(config: &Config, metrics: &Metrics) -> Result<Fetcher, DaemonError> {
+    let ca_pem = if config.depot.ca.as_os_str().is_empty() {
+        None
+    } else {
+        Some(std::fs::read(&config.depot.ca).map_err(|e| {
+            DaemonError::runtime(
+                &format!("cannot read depot.ca {}", config.depot.ca.display()),
+                e,
+            )
+        })?)
+    };
+    Fetcher::new(
+        FetchConfig {
+            allow_http: config.depot.allow_http,
+            ca_pem,
+            timeout: Duration::from_secs(config.depot.timeout_secs),
+            retries: config.depot.retries,
+        },
+        metrics.fetch.clone(),
+    )
+    .map_err(|e| DaemonError::runtime("cannot build the depot client", e))
+}
+
+/// SIGHUP: re-reads the configuration and replaces the trust store, the TLS certificates, the
+/// allow-lists and the depot client (`[depot]`, `depot.ca` re-read). Anything broken is reported
+/// and the old setting kept; keys that changed but only take effect at start are named in a
+/// warning, so the log never claims more than was applied (issue 17, item 6).
 fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsConfig>) {
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -378,6 +387,24 @@ fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsC
             }
             Err(e) => tracing::error!(error = %e, "TLS not reloaded; keeping the old certificates"),
         }
+    }
+    match build_fetcher(&config, agent.metrics()) {
+        Ok(fetcher) => {
+            agent.stager().set_fetcher(fetcher);
+            tracing::info!(
+                ca = %config.depot.ca.display(),
+                "depot settings reloaded (depot.allow_http, depot.ca, depot.timeout_secs, depot.retries)"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "depot settings not reloaded; keeping the old ones"),
+    }
+    let restart = agent.config.restart_needed(&config, tls.is_some());
+    if !restart.is_empty() {
+        tracing::warn!(
+            keys = %restart.join(", "),
+            "changed keys that only take effect after a restart (systemctl restart vibstaged): {}",
+            restart.join(", ")
+        );
     }
     *access.write().unwrap_or_else(|p| p.into_inner()) = Access {
         operators: config.tls.operators,

@@ -248,8 +248,20 @@ impl Fetcher {
         let mut response = match send.await {
             Err(_) => return Err(fail("no answer within the timeout".into(), true)),
             Ok(Err(e)) => {
+                let e = e.without_url();
+                if let Some(why) = untrusted_certificate(&e) {
+                    // Asking again will not make the certificate trusted: say what to set,
+                    // at once (issue 17, item 6).
+                    return Err(fail(
+                        format!(
+                            "the depot's certificate is not trusted ({why}): set depot.ca to \
+                             the CA certificate (PEM) that issued it, then reload the agent"
+                        ),
+                        false,
+                    ));
+                }
                 let retriable = !e.is_redirect() && !e.is_builder();
-                return Err(fail(error_chain(&e.without_url()), retriable));
+                return Err(fail(error_chain(&e), retriable));
             }
             Ok(Ok(r)) => r,
         };
@@ -419,6 +431,29 @@ pub fn redact_str(text: &str) -> String {
         Some(at) => format!("{}{}", &text[..start], &text[start + at + 1..]),
         None => text.to_owned(),
     }
+}
+
+/// Whether `e` is a TLS certificate the client does not trust (unknown issuer, expired, wrong
+/// name, …) rather than a network failure; returns rustls's reason.
+fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(why)) = tls {
+            return Some(format!("{why:?}"));
+        }
+        // hyper-util boxes the connector's error, which hides the type: fall back on rustls's
+        // wording of the same variant.
+        if let Some(why) = err.to_string().strip_prefix("invalid peer certificate: ") {
+            return Some(why.to_owned());
+        }
+        cur = err.source();
+    }
+    None
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -263,7 +263,8 @@ fn too_big(wanted: &BTreeMap<Digest, &VibDescriptor>) -> StageError {
 #[derive(Clone, Debug)]
 pub struct Stager {
     stores: Arc<Stores>,
-    fetcher: Fetcher,
+    /// Replaced on SIGHUP when `[depot]` changes; a running stage keeps the client it began with.
+    fetcher: Arc<std::sync::RwLock<Fetcher>>,
     concurrency: usize,
 }
 
@@ -272,7 +273,7 @@ impl Stager {
     pub fn new(stores: Arc<Stores>, fetcher: Fetcher, concurrency: usize) -> Self {
         Self {
             stores,
-            fetcher,
+            fetcher: Arc::new(std::sync::RwLock::new(fetcher)),
             concurrency: concurrency.max(1),
         }
     }
@@ -282,9 +283,18 @@ impl Stager {
         &self.stores
     }
 
-    /// The depot client.
-    pub fn fetcher(&self) -> &Fetcher {
-        &self.fetcher
+    /// The depot client (a cheap clone of the current one).
+    pub fn fetcher(&self) -> Fetcher {
+        self.fetcher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the depot client (SIGHUP with a changed `[depot]`); stages already running
+    /// finish with the old one.
+    pub fn set_fetcher(&self, fetcher: Fetcher) {
+        *self.fetcher.write().unwrap_or_else(|p| p.into_inner()) = fetcher;
     }
 
     /// Picks where to stage `wanted` (R9): scratch if it has room after its reserve, otherwise
@@ -337,7 +347,8 @@ impl Stager {
         host: &HostPolicy,
         progress: &StageProgress,
     ) -> Result<StageOutcome, StageError> {
-        let depot = self.fetcher.depot_url(depot).map_err(StageError::Depot)?;
+        let fetcher = self.fetcher();
+        let depot = fetcher.depot_url(depot).map_err(StageError::Depot)?;
         for (store, _) in self.stores.all() {
             store.ensure_layout()?;
         }
@@ -361,6 +372,7 @@ impl Stager {
         )
         .map(|(digest, size)| {
             let depot = &depot;
+            let fetcher = &fetcher;
             async move {
                 let last = AtomicU64::new(0);
                 let report = |offset: u64| {
@@ -382,7 +394,7 @@ impl Stager {
                     let held = store.bytes_held(&digest, size);
                     last.store(held, Ordering::Relaxed);
                     progress.done.fetch_add(held, Ordering::Relaxed);
-                    self.fetcher
+                    fetcher
                         .fetch_blob(depot, digest, size, store, &report)
                         .await
                         .map(drop)

@@ -390,3 +390,53 @@ fn wrong_files_are_named_with_what_they_are() {
         "{err}"
     );
 }
+
+/// Item 6: a depot certificate from an unknown issuer fails at once, saying to set depot.ca;
+/// SIGHUP applies a new depot.ca, and names the changed keys that need a restart.
+#[test]
+fn untrusted_depot_certificate_says_set_depot_ca_and_sighup_applies_it() {
+    let world = World::new();
+    world.add_vibs(&[VibFile::software("esx-base", 100_000)]);
+    let env = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    let config = std::fs::read_to_string(&a.config).expect("config");
+    let right = format!("ca = \"{}\"", world.depot_pki.ca_pem_path().display());
+    assert!(config.contains(&right), "{config}");
+    // Another CA than the depot's: the controller CA.
+    let wrong = format!("ca = \"{}\"", world.tls_dir.join("ca.pem").display());
+    std::fs::write(&a.config, config.replace(&right, &wrong)).expect("config");
+    a.start();
+
+    let task = a.stage_and_wait(&env, &world.depot.url());
+    assert_eq!(task["state"], "failed", "{task}");
+    assert_eq!(task["error"]["code"], "depot_unreachable", "{task}");
+    let message = task["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("the depot's certificate is not trusted"),
+        "{message}"
+    );
+    assert!(message.contains("set depot.ca"), "{message}");
+    assert!(
+        !a.log_text().contains("retrying download"),
+        "a trust failure is not retried: {}",
+        a.log_text()
+    );
+
+    // Fix depot.ca, change a key that needs a restart, and reload.
+    let fixed = config.replace("reserve_bytes = 0", "reserve_bytes = 4096");
+    assert_ne!(fixed, config, "{config}");
+    std::fs::write(&a.config, fixed).expect("config");
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !a.log_text().contains("depot settings reloaded") {
+        assert!(std::time::Instant::now() < deadline, "{}", a.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = a.log_text();
+    assert!(
+        log.contains("only take effect after a restart") && log.contains("scratch.reserve_bytes"),
+        "{log}"
+    );
+    let task = a.stage_and_wait(&env, &world.depot.url());
+    assert_eq!(task["state"], "succeeded", "{task}");
+}
