@@ -20,10 +20,14 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory as _;
 use clap_complete::Shell;
 
-use super::{CliError, Context, Existing, emit, ensure_dir, write_file};
+use super::{CliError, Existing, emit, ensure_dir, write_file};
 
-/// Arguments of `generate-docs`.
-#[derive(Debug, clap::Args)]
+/// Arguments of `generate-docs` (parsed apart from the `vibstagectl` grammar, see `cli::main`).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "vibstagectl generate-docs",
+    about = "Write the man pages and shell completions of vibstagectl and vibstaged (packaging)"
+)]
 pub struct Args {
     /// Directory to write `man/` and `completions/` into (created if missing).
     #[arg(long, value_name = "DIR")]
@@ -94,7 +98,7 @@ fn completions(out: &Path) -> Result<Vec<PathBuf>, CliError> {
 }
 
 /// Runs `generate-docs`: prints one line per file written.
-pub fn run(args: Args, _ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
+pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
     ensure_dir(&args.out, 0o755)?;
     let mut files = man_pages(&args.out)?;
     files.extend(completions(&args.out)?);
@@ -146,5 +150,17 @@ mod tests {
         let bash =
             std::fs::read_to_string(dir.path().join("completions/bash/vibstagectl")).expect("bash");
         assert!(bash.contains("remediate"), "{bash}");
+        for shell in [
+            "bash/vibstagectl",
+            "zsh/_vibstagectl",
+            "fish/vibstagectl.fish",
+        ] {
+            let script = std::fs::read_to_string(dir.path().join("completions").join(shell))
+                .expect("completion");
+            assert!(
+                !script.contains("generate-docs"),
+                "{shell} offers a hidden subcommand"
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@ use vibstage_protocol::{Envelope, Image, VibDescriptor};
 
 use super::escape::escape;
 use super::fanout::{Facts, Outcome, Plan, Watch, fan_out, ok};
-use super::{CliError, Context};
+use super::{CliError, Context, TargetArgs};
 use crate::client::{AgentClient, ClientError, HostAddr, path_segment};
 
 /// Seconds of the agent-side long-poll (`?wait=`); the agent answers earlier when the task ends.
@@ -51,12 +51,15 @@ pub struct CheckArgs {
     /// The signed image (e.g. `depot/images/NAME.json`).
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
+    /// Which agents.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
-/// `stage` and `remediate`.
+/// `stage`.
 #[derive(Debug, clap::Args)]
-pub struct LifecycleArgs {
-    /// The signed image.
+pub struct StageArgs {
+    /// The signed image (e.g. `depot/images/NAME.json`).
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
     /// Base URL of the depot the agents fetch from (http:// or https://); repeatable, tried in
@@ -67,7 +70,18 @@ pub struct LifecycleArgs {
     /// hosts, which finishes each host before it starts the next).
     #[arg(long)]
     pub wait: bool,
-    /// (remediate) Stop the rollout after this many failed hosts.
+    /// Which agents.
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+/// `remediate`: `stage`'s arguments and the rollout's failure budget.
+#[derive(Debug, clap::Args)]
+pub struct RemediateArgs {
+    /// Image, depot, wait, targets.
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Stop the rollout after this many failed hosts.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub max_failures: usize,
 }
@@ -78,6 +92,9 @@ pub struct StagedArgs {
     /// `rm DIGEST` deletes staged content.
     #[command(subcommand)]
     pub command: Option<StagedCommand>,
+    /// Which agents.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// `staged` subcommands.
@@ -87,17 +104,23 @@ pub enum StagedCommand {
     Rm {
         /// `sha256:<hex>` of the image.
         digest: String,
+        /// Which agents.
+        #[command(flatten)]
+        target: TargetArgs,
     },
 }
 
 /// `task ID [--wait]`.
 #[derive(Debug, clap::Args)]
 pub struct TaskArgs {
-    /// Task id.
+    /// Task id (as printed by `stage`, `remediate` or `tasks`).
     pub id: String,
     /// Wait until it ends.
     #[arg(long)]
     pub wait: bool,
+    /// Which agents (one host: task ids differ from host to host).
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// A depot URL as the agents need it: `http://` or `https://` and a host. Caught here, with
@@ -446,7 +469,8 @@ fn task_outcome(task: &Task) -> Outcome {
 /// `stage` and `remediate`.
 pub fn lifecycle(
     remediate: bool,
-    args: LifecycleArgs,
+    args: StageArgs,
+    max_failures: Option<usize>,
     ctx: &Context,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
@@ -471,7 +495,7 @@ pub fn lifecycle(
         "/v1/stage"
     };
     let (parallel, max_failures) = if remediate {
-        (Some(1), Some(args.max_failures.max(1)))
+        (Some(1), Some(max_failures.unwrap_or(1).max(1)))
     } else {
         (None, None)
     };
@@ -549,7 +573,7 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
                 Ok(o)
             })
         }
-        Some(StagedCommand::Rm { digest }) => {
+        Some(StagedCommand::Rm { digest, .. }) => {
             let digest: vibstage_protocol::ImageDigest = digest
                 .parse()
                 .map_err(|e| CliError::Usage(format!("{e}")))?;

@@ -47,7 +47,8 @@ const TARGET_HEADING: &str = "Target options (host commands)";
     about = "vibstage controller and depot tool"
 )]
 pub struct Cli {
-    /// Which agents a host-facing subcommand talks to.
+    /// Which agents a host subcommand talks to, when given before the subcommand
+    /// (`vibstagectl --host esx-01 status`); the host subcommands accept them after it too.
     #[command(flatten)]
     pub target: TargetArgs,
     /// Print machine-readable JSON instead of text.
@@ -59,39 +60,83 @@ pub struct Cli {
 }
 
 /// The target flags of SPEC §3. No flag means the local agent over its Unix socket; `--host` or
-/// `--hosts` means remote agents over mutual TLS. The tool subcommands (keygen, certs, depot,
-/// image) ignore them; the host subcommands read them.
-#[derive(Debug, Clone, Args)]
+/// `--hosts` means remote agents over mutual TLS. Only the host subcommands take them (and show
+/// them in `--help`); given before a tool subcommand (keygen, certs, depot, image, demo) they
+/// are refused rather than ignored.
+#[derive(Debug, Clone, Default, Args)]
 pub struct TargetArgs {
     /// Unix socket of the local agent [default: /run/vibstage/vibstaged.sock].
     #[arg(
         long,
-        global = true,
         value_name = "PATH",
         conflicts_with_all = ["host", "hosts"],
         help_heading = TARGET_HEADING
     )]
     pub socket: Option<PathBuf>,
     /// A remote agent, HOST or HOST:PORT (port 9443 if absent); repeatable.
-    #[arg(long, global = true, value_name = "HOST[:PORT]", help_heading = TARGET_HEADING)]
+    #[arg(long, value_name = "HOST[:PORT]", help_heading = TARGET_HEADING)]
     pub host: Vec<String>,
     /// A file naming remote agents, one HOST or HOST:PORT a line.
-    #[arg(long, global = true, value_name = "FILE", help_heading = TARGET_HEADING)]
+    #[arg(long, value_name = "FILE", help_heading = TARGET_HEADING)]
     pub hosts: Option<PathBuf>,
     /// Directory holding ca.pem, client.pem and client.key for mutual TLS.
-    #[arg(long, global = true, value_name = "DIR", help_heading = TARGET_HEADING)]
+    #[arg(long, value_name = "DIR", help_heading = TARGET_HEADING)]
     pub tls_dir: Option<PathBuf>,
     /// At most N hosts at a time [default: all at once].
-    #[arg(long, global = true, value_name = "N", help_heading = TARGET_HEADING)]
+    #[arg(long, value_name = "N", help_heading = TARGET_HEADING)]
     pub parallel: Option<NonZeroUsize>,
     /// Give up on hosts that have not finished after this long (e.g. 90s, 20m, 2h; a bare
     /// number is seconds); they are reported as timed out and the exit code is 1
     /// [default: no limit].
-    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration, help_heading = TARGET_HEADING)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = TARGET_HEADING)]
     pub timeout: Option<Duration>,
     /// One line per host even with many hosts.
-    #[arg(long, short, global = true, help_heading = TARGET_HEADING)]
+    #[arg(long, short, help_heading = TARGET_HEADING)]
     pub verbose: bool,
+}
+
+impl TargetArgs {
+    /// Whether any target flag was given.
+    fn any(&self) -> bool {
+        self.socket.is_some()
+            || !self.host.is_empty()
+            || self.hosts.is_some()
+            || self.tls_dir.is_some()
+            || self.parallel.is_some()
+            || self.timeout.is_some()
+            || self.verbose
+    }
+
+    /// The flags given before the subcommand (`self`) together with those after it: hosts add
+    /// up, a value given after the subcommand wins.
+    fn merge(self, after: TargetArgs) -> Result<TargetArgs, CliError> {
+        let mut host = self.host;
+        host.extend(after.host);
+        let merged = TargetArgs {
+            socket: after.socket.or(self.socket),
+            host,
+            hosts: after.hosts.or(self.hosts),
+            tls_dir: after.tls_dir.or(self.tls_dir),
+            parallel: after.parallel.or(self.parallel),
+            timeout: after.timeout.or(self.timeout),
+            verbose: self.verbose || after.verbose,
+        };
+        if merged.socket.is_some() && (!merged.host.is_empty() || merged.hosts.is_some()) {
+            return Err(CliError::Usage(
+                "--socket (the local agent) cannot be combined with --host/--hosts (remote agents)"
+                    .into(),
+            ));
+        }
+        Ok(merged)
+    }
+}
+
+/// The target flags alone, for host subcommands without arguments of their own.
+#[derive(Debug, Clone, Default, Args)]
+pub struct HostArgs {
+    /// Which agents.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// `90`, `90s`, `20m`, `2h`: a positive duration for `--timeout`.
@@ -127,25 +172,22 @@ pub enum Command {
     /// Create or verify signed images.
     Image(image::Args),
     /// Host summary: compliance, staged mark, scratch, maintenance, running task.
-    Status,
+    Status(HostArgs),
     /// Compliance check of the hosts against an image.
     Check(hosts::CheckArgs),
     /// Stage an image on the hosts (all in parallel by default).
-    Stage(hosts::LifecycleArgs),
+    Stage(hosts::StageArgs),
     /// Stage what is missing, enter maintenance mode, install, exit (one host at a time by default).
-    Remediate(hosts::LifecycleArgs),
+    Remediate(hosts::RemediateArgs),
     /// List staged content, or `staged rm DIGEST`.
     Staged(hosts::StagedArgs),
     /// List tasks, newest first.
-    Tasks,
+    Tasks(HostArgs),
     /// Show one task (`--wait` until it ends).
     Task(hosts::TaskArgs),
     /// The whole flow on this machine: keys, certs, depot, an agent process, stage, restart,
     /// remediate.
     Demo(demo::Args),
-    /// Write the man pages and shell completions of vibstagectl and vibstaged (packaging).
-    #[command(hide = true)]
-    GenerateDocs(docs::Args),
 }
 
 impl Command {
@@ -156,15 +198,14 @@ impl Command {
             Command::Certs(_) => "certs",
             Command::Depot(_) => "depot",
             Command::Image(_) => "image",
-            Command::Status => "status",
+            Command::Status(_) => "status",
             Command::Check(_) => "check",
             Command::Stage(_) => "stage",
             Command::Remediate(_) => "remediate",
             Command::Staged(_) => "staged",
-            Command::Tasks => "tasks",
+            Command::Tasks(_) => "tasks",
             Command::Task(_) => "task",
             Command::Demo(_) => "demo",
-            Command::GenerateDocs(_) => "generate-docs",
         }
     }
 }
@@ -275,17 +316,24 @@ pub(crate) fn io_message(e: &io::Error) -> String {
 
 /// Parses the process arguments, runs the subcommand and returns the SPEC exit code. Usage errors
 /// found by clap exit 2; `--help` and `--version` exit 0.
+///
+/// `vibstagectl generate-docs --out DIR` (man pages and completions, for packaging) is parsed
+/// apart from the grammar, so that neither `--help` nor the shell completions offer it.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            // clap's own codes: 0 for help/version, 2 for usage errors.
-            let _ = e.print();
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    let mut stdout = io::stdout().lock();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let result = if argv.get(1).is_some_and(|a| a == "generate-docs") {
+        match docs::Args::try_parse_from(&argv[1..]) {
+            Ok(args) => docs::run(args, &mut stdout),
+            Err(e) => return clap_exit(e),
+        }
+    } else {
+        match Cli::try_parse_from(&argv) {
+            Ok(cli) => run(cli, &mut stdout),
+            Err(e) => return clap_exit(e),
         }
     };
-    let mut stdout = io::stdout().lock();
-    match run(cli, &mut stdout) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = stdout.flush();
@@ -295,27 +343,64 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// clap's own codes: 0 for help/version, 2 for usage errors.
+fn clap_exit(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 /// Runs one parsed command line, writing its results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let command = cli.command.name();
+    let after = match &cli.command {
+        Command::Status(a) | Command::Tasks(a) => Some(a.target.clone()),
+        Command::Check(a) => Some(a.target.clone()),
+        Command::Stage(a) => Some(a.target.clone()),
+        Command::Remediate(a) => Some(a.stage.target.clone()),
+        Command::Staged(a) => Some(match &a.command {
+            Some(hosts::StagedCommand::Rm { target, .. }) => {
+                a.target.clone().merge(target.clone())?
+            }
+            None => a.target.clone(),
+        }),
+        Command::Task(a) => Some(a.target.clone()),
+        Command::Keygen(_)
+        | Command::Certs(_)
+        | Command::Depot(_)
+        | Command::Image(_)
+        | Command::Demo(_) => None,
+    };
+    let target = match after {
+        Some(after) => cli.target.merge(after)?,
+        None if cli.target.any() => {
+            return Err(CliError::Usage(format!(
+                "`{command}` works on local files and talks to no agent: the target options \
+                 (--socket, --host, --hosts, --tls-dir, --parallel, --timeout, --verbose) apply \
+                 to status, check, stage, remediate, staged, tasks and task"
+            )));
+        }
+        None => TargetArgs::default(),
+    };
     let ctx = Context {
         json: cli.json,
-        target: cli.target,
-        command: cli.command.name(),
+        target,
+        command,
     };
     match cli.command {
         Command::Keygen(args) => keygen::run(args, &ctx, out),
         Command::Certs(args) => certs::run(args, &ctx, out),
         Command::Depot(args) => depot::run(args, &ctx, out),
         Command::Image(args) => image::run(args, &ctx, out),
-        Command::Status => hosts::status(&ctx, out),
+        Command::Status(_) => hosts::status(&ctx, out),
         Command::Check(args) => hosts::check(args, &ctx, out),
-        Command::Stage(args) => hosts::lifecycle(false, args, &ctx, out),
-        Command::Remediate(args) => hosts::lifecycle(true, args, &ctx, out),
+        Command::Stage(args) => hosts::lifecycle(false, args, None, &ctx, out),
+        Command::Remediate(args) => {
+            hosts::lifecycle(true, args.stage, Some(args.max_failures), &ctx, out)
+        }
         Command::Staged(args) => hosts::staged(args, &ctx, out),
-        Command::Tasks => hosts::tasks(&ctx, out),
+        Command::Tasks(_) => hosts::tasks(&ctx, out),
         Command::Task(args) => hosts::task(args, &ctx, out),
         Command::Demo(args) => demo::run(args, &ctx, out),
-        Command::GenerateDocs(args) => docs::run(args, &ctx, out),
     }
 }
 
@@ -476,32 +561,70 @@ mod tests {
     }
 
     #[test]
-    fn global_flags_parse_after_the_subcommand() {
+    fn target_flags_go_before_or_after_host_subcommands_only() {
+        // Issue 17, item 12: host commands take the target flags on either side.
         let cli = Cli::try_parse_from([
             "vibstagectl",
-            "keygen",
-            "--out",
-            "k",
             "--host",
             "a",
+            "status",
             "--host",
             "b:1",
             "--json",
         ])
         .expect("parse");
         assert!(cli.json);
-        assert_eq!(cli.target.host, ["a", "b:1"]);
-        let both = Cli::try_parse_from([
-            "vibstagectl",
-            "--socket",
-            "/s",
-            "--host",
-            "a",
-            "keygen",
-            "--out",
-            "k",
-        ]);
-        assert!(both.is_err());
+        let mut sink = Vec::new();
+        let Command::Status(after) = &cli.command else {
+            panic!("status")
+        };
+        let merged = cli
+            .target
+            .clone()
+            .merge(after.target.clone())
+            .expect("merge");
+        assert_eq!(merged.host, ["a", "b:1"]);
+        // Tool subcommands neither show nor take them.
+        assert!(
+            Cli::try_parse_from(["vibstagectl", "keygen", "--out", "k", "--host", "a"]).is_err()
+        );
+        let before = Cli::try_parse_from(["vibstagectl", "--host", "a", "keygen", "--out", "k"])
+            .expect("parse");
+        let e = run(before, &mut sink).expect_err("refused");
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("talks to no agent"), "{e}");
+        let both = Cli::try_parse_from(["vibstagectl", "--socket", "/s", "status", "--host", "a"])
+            .expect("parse");
+        assert_eq!(run(both, &mut sink).expect_err("conflict").exit_code(), 2);
+    }
+
+    #[test]
+    fn help_shows_each_option_where_it_applies() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut help = |name: &str| {
+            cmd.find_subcommand_mut(name)
+                .expect(name)
+                .render_long_help()
+                .to_string()
+        };
+        for tool in ["keygen", "certs", "depot", "image", "demo"] {
+            assert!(!help(tool).contains("--host"), "{tool}");
+        }
+        for host in [
+            "status",
+            "check",
+            "stage",
+            "remediate",
+            "staged",
+            "tasks",
+            "task",
+        ] {
+            assert!(help(host).contains("--host"), "{host}");
+        }
+        assert!(help("remediate").contains("--max-failures"));
+        assert!(!help("stage").contains("--max-failures"));
+        assert!(cmd.find_subcommand("generate-docs").is_none());
     }
 
     #[test]
