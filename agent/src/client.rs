@@ -236,15 +236,25 @@ pub struct AgentClient {
     pub name: String,
 }
 
+/// The error and its causes, one after the other, without reqwest's repeated URL (the host is
+/// already named on the line) and Rust's " (os error N)" suffixes.
 fn chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
+    let mut parts = Vec::new();
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
     while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        let text = match text.rfind(" (os error ") {
+            Some(i) if text.ends_with(')') => text[..i].to_owned(),
+            _ => text,
+        };
+        let text = match text.find(" for url (") {
+            Some(i) if text.ends_with(')') => text[..i].to_owned(),
+            _ => text,
+        };
+        parts.push(text);
         cur = inner.source();
     }
-    s
+    parts.join(": ")
 }
 
 impl AgentClient {

@@ -440,3 +440,142 @@ fn untrusted_depot_certificate_says_set_depot_ca_and_sighup_applies_it() {
     let task = a.stage_and_wait(&env, &world.depot.url());
     assert_eq!(task["state"], "succeeded", "{task}");
 }
+
+/// Runs `args` through `script(1)` so that vibstagectl sees a terminal of 120 columns; returns
+/// everything written to it, raw (escape sequences included).
+fn through_a_terminal(world: &World, args: &[String]) -> (Option<i32>, String) {
+    let quoted: Vec<String> = std::iter::once(vibstagectl().display().to_string())
+        .chain(args.iter().cloned())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let inner = format!("stty cols 120 rows 40; {}", quoted.join(" "));
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &inner, "/dev/null"])
+        .current_dir(world.dir.path())
+        .output()
+        .expect("run script(1)");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The text of a terminal capture without escape sequences; carriage returns become newlines,
+/// so every redraw of a bar is a line of its own.
+fn screen_lines(raw: &str) -> Vec<String> {
+    let mut text = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => text.push('\n'),
+            c => text.push(c),
+        }
+    }
+    // indicatif fills each bar line to the width and lets the terminal wrap it: cut the lines
+    // at the 120 columns of the capture's terminal.
+    let chars: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+    chars
+        .iter()
+        .flat_map(|l| l.chunks(120).map(|c| c.iter().collect::<String>()))
+        .map(|l| l.trim_end().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Item 14: `stage --wait` in a terminal: a line for every host from the start, bars with sizes
+/// once known (never `0 B/0 B`), the total with rate and ETA, a done line per host, a host that
+/// is down reported once with its reason, final lines in the bars' units.
+#[test]
+fn stage_progress_in_a_terminal() {
+    let world = World::new();
+    let digests = world.add_vibs(&[VibFile::software("esx-base", 600_000)]);
+    world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    world.depot.fault(
+        &vibstage_e2e::Depot::vib_path(&digests[0]),
+        vibstage_e2e::Fault::SlowDrip {
+            bytes_per_sec: 200_000,
+        },
+        2,
+    );
+    let mut a = world.agent("esx-01", AgentOptions::default());
+    let mut b = world.agent("esx-02", AgentOptions::default());
+    a.start();
+    b.start();
+    let dead = "127.0.0.1:1".to_owned();
+    let mut args = vec!["--tls-dir".to_owned(), world.tls_dir.display().to_string()];
+    for h in [a.addr(), b.addr(), dead.clone()] {
+        args.extend(["--host".to_owned(), h]);
+    }
+    let image = world.depot_dir.join("images/esx-8.0u2.json");
+    args.extend(
+        [
+            "stage",
+            "--image",
+            image.to_str().expect("utf8"),
+            "--depot",
+            &world.depot.url(),
+            "--wait",
+        ]
+        .map(str::to_owned),
+    );
+    let (code, raw) = through_a_terminal(&world, &args);
+    let lines = screen_lines(&raw);
+    let shown = lines.join("\n");
+    assert_eq!(code, Some(3), "{shown}");
+    // Every host has its line from the start.
+    for host in [a.addr(), b.addr()] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.trim_start().starts_with(&host) && !l.contains('[')),
+            "no waiting line for {host}: {shown}"
+        );
+        // A bar with sizes, once known.
+        assert!(
+            lines.iter().any(|l| l.trim_start().starts_with(&host)
+                && l.contains("] ")
+                && l.contains("KiB/")),
+            "no bar with sizes for {host}: {shown}"
+        );
+        // Its done line, in the bars' units.
+        let done = format!("{host}: succeeded task ");
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&done))
+            .unwrap_or_else(|| panic!("{shown}"));
+        assert!(
+            line.ends_with("(585.94 KiB needed, 585.94 KiB downloaded)"),
+            "{line}"
+        );
+    }
+    assert!(!shown.contains("0 B/0 B"), "{shown}");
+    // The total: rate and ETA.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("total [") && l.contains("/s ETA")),
+        "{shown}"
+    );
+    // The host that is down: once, with the reason.
+    let dead_lines: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with(&format!("{dead}: ")))
+        .collect();
+    assert_eq!(dead_lines.len(), 1, "{shown}");
+    assert!(dead_lines[0].contains("unreachable"), "{shown}");
+    assert!(
+        shown.contains("summary: 3 hosts: 2 ok, 1 unreachable or refused"),
+        "{shown}"
+    );
+    eprintln!("{shown}");
+}

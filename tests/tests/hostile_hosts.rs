@@ -881,11 +881,16 @@ fn many_hosts_print_a_summary_and_only_the_hosts_that_did_not_succeed_issue18() 
 #[test]
 fn ctrl_c_during_wait_says_the_tasks_go_on_and_how_to_follow_them_issue17() {
     let (world, image) = world_with_image();
-    let quick = fake(&world, "quick", |r| match r.method.as_str() {
+    // The quick host ends at its second poll, a second after the endless host's task started.
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let quick = fake(&world, "quick", move |r| match r.method.as_str() {
         "POST" => Answer::Json(
             202,
             json!({"task": fake_task("q1", "running", (0, 10), None)}),
         ),
+        _ if polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 => {
+            Answer::Json(200, fake_task("q1", "running", (5, 10), None))
+        }
         _ => Answer::Json(200, fake_task("q1", "succeeded", (10, 10), None)),
     });
     let endless = fake(&world, "endless", |r| match r.method.as_str() {

@@ -73,8 +73,12 @@ pub(super) fn ok(line: String, json: Value, facts: Facts) -> Outcome {
 /// What an operation may tell the fan-out about its host while it runs.
 #[derive(Clone, Default)]
 pub(crate) struct Watch {
-    /// The host's progress bar, when bars are shown.
+    /// The host's progress bar, when bars are shown. It reads as a status line ("sending the
+    /// request", "retrying: …") until the task's size is known, then as a bar with sizes: a
+    /// bar of `0 B/0 B` drawn full says nothing true.
     bar: Option<ProgressBar>,
+    /// Whether `bar` shows sizes yet.
+    sized: Arc<std::sync::atomic::AtomicBool>,
     /// The task the host is running for us, named when the host is cut off or interrupted.
     task: Arc<Mutex<Option<String>>>,
     /// The most bytes a task of this command can honestly need ([`image_bytes`]).
@@ -88,6 +92,11 @@ impl Watch {
             bar,
             ..Watch::default()
         }
+    }
+
+    /// Whether a bar shows this host's progress (then polls should come back every second).
+    pub(crate) fn shows_progress(&self) -> bool {
+        self.bar.is_some()
     }
 
     /// Names the task the host runs for us.
@@ -107,9 +116,29 @@ impl Watch {
         let total = self.max_bytes.map_or(task.progress.bytes_total, |m| {
             task.progress.bytes_total.min(m)
         });
+        let step = task.step.as_deref().unwrap_or_default();
+        let message = if step.is_empty() {
+            format!("task {} {}", task.id, state_word(task))
+        } else {
+            format!("task {} {}", task.id, step)
+        };
+        bar.set_message(escape(&message, STEP_CHARS));
+        if total == 0 {
+            return;
+        }
+        if !self.sized.swap(true, Ordering::SeqCst) {
+            bar.set_style(bar_style());
+        }
         bar.set_length(total);
         bar.set_position(task.progress.bytes_done.min(total));
-        bar.set_message(escape(task.step.as_deref().unwrap_or_default(), STEP_CHARS));
+    }
+
+    /// Says on the host's bar what it is waiting for ("sending the request", "retrying in 4s:
+    /// unreachable: …"), so a host that is down or retrying shows why.
+    pub(super) fn note(&self, text: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(escape(text, STEP_CHARS + 60));
+        }
     }
 }
 
@@ -238,6 +267,7 @@ async fn dispatch<F, Fut>(
             let _ = tx.send((i, Event::Ended(End::Skipped)));
             continue;
         }
+        watch.note("sending the request");
         let _ = tx.send((i, Event::Started));
         let (tx, failures, op) = (tx.clone(), failures.clone(), op.clone());
         running.spawn(async move {
@@ -349,7 +379,7 @@ where
         // With several hosts, a total bar sums the hosts' bars (finished ones keep their counts).
         let total = bars.as_ref().filter(|_| clients.len() > 1).map(|m| {
             let total = m.add(ProgressBar::new(0));
-            total.set_style(bar_style());
+            total.set_style(waiting_style());
             total.set_prefix("total");
             total
         });
@@ -361,8 +391,9 @@ where
                     Some(total) => m.insert_before(total, ProgressBar::new(0)),
                     None => m.add(ProgressBar::new(0)),
                 };
-                bar.set_style(bar_style());
+                bar.set_style(waiting_style());
                 bar.set_prefix(escape(&client.name, 40));
+                bar.set_message("waiting for its turn");
                 host_bars.push(bar.clone());
                 bar
             });
@@ -378,10 +409,14 @@ where
         let dispatcher = tokio::spawn(dispatch(watches, parallel, max_failures, Arc::new(op), tx));
         let ticker = total.clone().map(|total| {
             tokio::spawn(async move {
+                let mut sized = false;
                 loop {
-                    total.set_length(saturating_total(
-                        host_bars.iter().filter_map(ProgressBar::length),
-                    ));
+                    let length = saturating_total(host_bars.iter().filter_map(ProgressBar::length));
+                    if length > 0 && !sized {
+                        total.set_style(total_style());
+                        sized = true;
+                    }
+                    total.set_length(length);
                     total.set_position(saturating_total(
                         host_bars.iter().map(ProgressBar::position),
                     ));
@@ -580,20 +615,10 @@ fn follow_command(ctx: &Context, name: &str, task: &str) -> String {
     words.join(" ")
 }
 
-/// `bytes` in binary units with one decimal (`512 B`, `1.5 KiB`, `40.0 GiB`), as the progress
-/// bars show them.
+/// `bytes` in binary units (`512 B`, `1.50 KiB`, `40.00 GiB`), exactly as the progress bars
+/// show them.
 pub(crate) fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
+    indicatif::BinaryBytes(bytes).to_string()
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -673,10 +698,36 @@ fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
     lines
 }
 
+/// A host's bar once its size is known: binary units, as [`human_bytes`] prints the final lines.
 fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix:>20} [{bar:30}] {bytes}/{total_bytes} {msg}")
+    ProgressStyle::with_template(
+        "{prefix:>22} [{bar:30}] {binary_bytes:>10}/{binary_total_bytes:<10} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
+}
+
+/// A host's line before its size is known: only what it is doing.
+fn waiting_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:>22} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
+}
+
+/// The total of several hosts: the sum of their bars, with the rate and the time left.
+fn total_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>22} [{bar:30}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
+}
+
+/// A task's state as a word.
+fn state_word(task: &Task) -> String {
+    serde_json::to_value(task.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -687,9 +738,9 @@ mod tests {
     fn sizes_read_in_binary_units() {
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(40 << 30), "40.0 GiB");
-        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(40 << 30), "40.00 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.00 EiB");
     }
 
     #[test]

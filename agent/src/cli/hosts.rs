@@ -398,7 +398,14 @@ pub(crate) async fn follow(
     check_task_id(&task.id).map_err(ClientError::Protocol)?;
     watch.started(&task.id);
     watch.progress(&task);
-    let path = format!("/v1/tasks/{}?wait={POLL_WAIT_SECS}", path_segment(&task.id));
+    // With a bar to move, ask every second (the agent answers at once with the progress so
+    // far); without one, long-poll until the task ends.
+    let wait = if watch.shows_progress() {
+        1
+    } else {
+        POLL_WAIT_SECS
+    };
+    let path = format!("/v1/tasks/{}?wait={wait}", path_segment(&task.id));
     let mut errors = 0u32;
     while !task.state.is_final() {
         let asked = Instant::now();
@@ -422,6 +429,14 @@ pub(crate) async fn follow(
                 let backoff = MIN_POLL_INTERVAL
                     .saturating_mul(1 << errors.min(5))
                     .min(MAX_BACKOFF);
+                watch.note(&format!(
+                    "task {} retrying in {}s ({errors} of {}): {}: {}",
+                    task.id,
+                    backoff.as_secs(),
+                    MAX_POLL_ERRORS - 1,
+                    e.code(),
+                    e.message()
+                ));
                 tokio::time::sleep_until(asked + backoff).await;
             }
             Err(e) => return Err(e),
@@ -447,11 +462,11 @@ fn task_outcome(task: &Task) -> Outcome {
             e.message
         ),
         None => format!(
-            "{} task {} ({} bytes, {} downloaded)",
+            "{} task {} ({} needed, {} downloaded)",
             word(&task.state),
             task.id,
-            task.progress.bytes_total,
-            task.bytes_downloaded
+            super::fanout::human_bytes(task.progress.bytes_total),
+            super::fanout::human_bytes(task.bytes_downloaded)
         ),
     };
     Outcome {
