@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use vibstage_protocol::{AcceptanceLevel, HostId};
 
 /// Default configuration path.
@@ -43,7 +43,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[agent]`
@@ -67,7 +67,7 @@ pub struct Config {
 }
 
 /// `[agent]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentSection {
     /// Host id reported in status; the hostname when absent.
@@ -89,7 +89,7 @@ impl Default for AgentSection {
 }
 
 /// `[scratch]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScratchSection {
     /// Persistent staging area.
@@ -114,7 +114,7 @@ impl Default for ScratchSection {
 }
 
 /// `[listen]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenSection {
     /// mTLS address; empty = off.
@@ -133,7 +133,7 @@ impl Default for ListenSection {
 }
 
 /// `[tls]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
     /// Server certificate chain (PEM).
@@ -161,7 +161,7 @@ impl Default for TlsSection {
 }
 
 /// `[trust]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustSection {
     /// Trusted public keys.
@@ -180,7 +180,7 @@ impl Default for TrustSection {
 }
 
 /// Role of a trust store key in the configuration.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RoleName {
     /// May sign images.
@@ -190,7 +190,7 @@ pub enum RoleName {
 }
 
 /// `[[trust.keys]]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustKeyEntry {
     /// SPKI PEM public key file.
@@ -202,7 +202,7 @@ pub struct TrustKeyEntry {
 }
 
 /// `[depot]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DepotSection {
     /// Allow plain http depots.
@@ -227,7 +227,7 @@ impl Default for DepotSection {
 }
 
 /// `[host]`
-#[derive(Clone, Debug, Deserialize, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct HostSection {
     /// The host's DPUs; when not empty, dpu VIBs are staged too.
@@ -237,7 +237,7 @@ pub struct HostSection {
 }
 
 /// `[maintenance]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaintenanceSection {
     /// Command run to enter maintenance mode; empty = only the agent's own state.
@@ -259,7 +259,7 @@ impl Default for MaintenanceSection {
 }
 
 /// `[install]`
-#[derive(Clone, Debug, Deserialize, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct InstallSection {
     /// Installer command; empty = the built-in installer.
@@ -409,6 +409,141 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every dotted key `Config` accepts, from a default configuration with one trust key and a
+    /// host id (so that lists of tables and optional keys show their fields).
+    fn every_key() -> Vec<String> {
+        fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        if prefix.contains('.') || !v.is_object() {
+                            out.push(key.clone());
+                        }
+                        walk(&key, v, out);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for item in items.iter().filter(|i| i.is_object()) {
+                        walk(prefix, item, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut config = Config::default();
+        config.agent.host_id = Some("esx-01".parse().expect("host id"));
+        config.trust.keys.push(TrustKeyEntry {
+            file: "/k.pub".into(),
+            role: RoleName::Vib,
+            max_acceptance: Some(AcceptanceLevel::Partner),
+        });
+        let mut keys = Vec::new();
+        walk("", &serde_json::to_value(&config).expect("json"), &mut keys);
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    fn repo_file(path: &str) -> String {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    }
+
+    /// Issue 17, item 5: the project carries its own reference; a key added to `Config` without
+    /// a line in docs/config.md fails here.
+    #[test]
+    fn every_key_is_documented_in_docs_config_md() {
+        let doc = repo_file("docs/config.md");
+        let keys = every_key();
+        assert!(
+            keys.contains(&"trust.keys.max_acceptance".to_owned()),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"agent.host_id".to_owned()), "{keys:?}");
+        for key in &keys {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "{key} has no row in docs/config.md"
+            );
+        }
+        // And the reference documents nothing the agent would refuse.
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let key = line.split('`').nth(1).unwrap_or_default();
+            if !key.contains('.')
+                || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+            {
+                continue; // a path in FILES, not a key
+            }
+            assert!(
+                keys.iter().any(|k| k == key),
+                "docs/config.md documents {key}, which Config does not accept"
+            );
+        }
+    }
+
+    /// The shipped packaging/agent.toml is valid as it stands, and names every key: with its
+    /// commented-out examples uncommented it is still valid and holds every key `Config` accepts.
+    #[test]
+    fn packaging_agent_toml_names_every_key() {
+        let shipped = repo_file("packaging/agent.toml");
+        Config::parse(&shipped, Path::new("packaging/agent.toml")).expect("valid as shipped");
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| {
+                let body = l.strip_prefix("# ").unwrap_or(l);
+                let assignment = body.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                });
+                let header = body.starts_with('[') && body.ends_with(']');
+                if l.starts_with("# ") && (assignment || header) {
+                    body.to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let full =
+            Config::parse(&uncommented, Path::new("uncommented")).expect("valid uncommented");
+        assert!(full.agent.host_id.is_some());
+        let value: toml::Value = toml::from_str(&uncommented).expect("toml");
+        let mut present = Vec::new();
+        let json = serde_json::to_value(&value).expect("json");
+        fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        out.push(key.clone());
+                        walk(&key, v, out);
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for item in items {
+                        walk(prefix, item, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        walk("", &json, &mut present);
+        for key in every_key() {
+            assert!(
+                present.contains(&key),
+                "packaging/agent.toml does not name {key}"
+            );
+        }
+    }
 
     #[test]
     fn empty_file_gives_spec_defaults() {

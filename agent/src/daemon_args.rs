@@ -24,8 +24,12 @@ pub enum LogFormat {
                   request.\n\n\
                   Runs in the foreground and logs to stderr; VIBSTAGE_LOG sets the filter \
                   (default \"info\"). SIGTERM or SIGINT stop it within 10 s with its state \
-                  persisted; SIGHUP reloads the trust store, the TLS certificates and the \
-                  allow-lists. Speaks sd_notify READY/STOPPING/WATCHDOG under systemd."
+                  persisted; SIGHUP reloads the trust store, the TLS certificates, the \
+                  allow-lists and the [depot] settings, and names changed keys that need a \
+                  restart. Speaks sd_notify READY/STOPPING/WATCHDOG under systemd.\n\n\
+                  Exit status: 0 stopped by a signal (or a valid --check-config), 2 \
+                  configuration error, 1 any other failure to run. Files: \
+                  /etc/vibstage/agent.toml, agent.toml(5) for every key."
 )]
 pub struct Args {
     /// Configuration file.

@@ -62,10 +62,9 @@ pub struct StageArgs {
     /// The signed image (e.g. `depot/images/NAME.json`).
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
-    /// Base URL of the depot the agents fetch from (http:// or https://); repeatable, tried in
-    /// order for each VIB.
-    #[arg(long, value_name = "URL", required = true, value_parser = parse_depot_url)]
-    pub depot: Vec<String>,
+    /// Base URL of the depot the agents fetch from (http:// or https://).
+    #[arg(long, value_name = "URL", value_parser = parse_depot_url)]
+    pub depot: String,
     /// Wait for the task to end and report its result (required by `remediate` with several
     /// hosts, which finishes each host before it starts the next).
     #[arg(long)]
@@ -500,10 +499,7 @@ pub fn lifecycle(
         ));
     }
     let max_bytes = image_bytes(&image);
-    let depot = Arc::new(match args.depot.as_slice() {
-        [one] => json!(one),
-        many => json!(many),
-    });
+    let depot = Arc::new(args.depot);
     let path = if remediate {
         "/v1/remediate"
     } else {
