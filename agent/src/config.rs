@@ -476,7 +476,9 @@ mod tests {
         for line in doc.lines().filter(|l| l.starts_with("| `")) {
             let key = line.split('`').nth(1).unwrap_or_default();
             if !key.contains('.')
-                || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'.')
             {
                 continue; // a path in FILES, not a key
             }

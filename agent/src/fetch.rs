@@ -456,15 +456,19 @@ fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String
     None
 }
 
+/// The error and its causes, without Rust's " (os error N)" suffixes.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
+    let mut parts = Vec::new();
+    let mut cur = Some(e);
     while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let text = inner.to_string();
+        parts.push(match text.rfind(" (os error ") {
+            Some(i) if text.ends_with(')') => text[..i].to_owned(),
+            _ => text,
+        });
         cur = inner.source();
     }
-    s
+    parts.join(": ")
 }
 
 #[cfg(test)]
