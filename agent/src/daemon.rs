@@ -107,9 +107,21 @@ fn host_id(config: &Config) -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn open_store(path: &Path, scrub: bool) -> Result<Store, DaemonError> {
-    let (store, fixed) =
-        Store::open(path).map_err(|e| DaemonError::runtime("cannot open the staging store", e))?;
+fn open_store(key: &str, path: &Path, scrub: bool) -> Result<Store, DaemonError> {
+    let (store, fixed) = Store::open(path).map_err(|e| match e {
+        // The usual cause is a second agent on this machine left at the defaults: say which
+        // key to change (issue 17, item 7).
+        crate::store::StoreError::Locked { .. } => DaemonError::Runtime(format!(
+            "cannot open the staging store: {e}; {key} is in use by another agent: give this \
+             agent its own {key}{}",
+            if key == "scratch.volatile_path" {
+                " (or \"\" for none)"
+            } else {
+                ""
+            }
+        )),
+        e => DaemonError::runtime("cannot open the staging store", e),
+    })?;
     for f in fixed {
         tracing::warn!(fix = %f, "tightened permissions");
     }
@@ -180,10 +192,10 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
     let mut fixed = Vec::new();
     fsutil::ensure_private_dir(&config.agent.state_dir, &mut fixed)
         .map_err(|e| DaemonError::runtime("cannot prepare agent.state_dir", e))?;
-    let persistent = open_store(&config.scratch.path, scrub)?;
+    let persistent = open_store("scratch.path", &config.scratch.path, scrub)?;
     let volatile = config
         .volatile_path()
-        .map(|p| open_store(p, scrub))
+        .map(|p| open_store("scratch.volatile_path", p, scrub))
         .transpose()?;
     let stores = Arc::new(Stores {
         persistent,

@@ -579,3 +579,28 @@ fn stage_progress_in_a_terminal() {
     );
     eprintln!("{shown}");
 }
+
+/// Item 7: a second agent on one machine that shares the first one's `volatile_path` is told
+/// which key to change.
+#[test]
+fn second_agent_on_a_taken_volatile_path_names_the_key() {
+    let world = World::new();
+    let shared = world.dir.path().join("volatile");
+    let opts = AgentOptions {
+        volatile: Some(shared.display().to_string()),
+        ..AgentOptions::default()
+    };
+    let mut first = world.agent("esx-01", opts.clone());
+    first.start();
+    let mut second = world.agent("esx-02", opts);
+    second.spawn();
+    let status = second
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("the second agent exits");
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(
+        log.contains("scratch.volatile_path is in use by another agent: give this agent its own scratch.volatile_path"),
+        "{log}"
+    );
+}
