@@ -188,7 +188,7 @@ fn installed() -> bool {
 }
 
 /// Files the package must hold (`dpkg-deb -c` paths without the leading `.`).
-const CONTENTS: [&str; 16] = [
+const CONTENTS: [&str; 17] = [
     "/usr/bin/vibstaged",
     "/usr/bin/vibstagectl",
     "/usr/lib/systemd/system/vibstaged.service",
@@ -205,6 +205,7 @@ const CONTENTS: [&str; 16] = [
     "/usr/share/fish/vendor_completions.d/vibstagectl.fish",
     "/usr/share/fish/vendor_completions.d/vibstaged.fish",
     "/usr/share/doc/vibstage/copyright",
+    "/usr/share/doc/vibstage/config.md.gz",
 ];
 
 /// One HTTP/1.1 request on the agent's Unix socket; returns the status line and body.
