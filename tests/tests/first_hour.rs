@@ -245,7 +245,6 @@ fn status_is_a_table_and_tasks_one_a_line() {
     b.start();
     let url = world.depot.url();
     a.stage_and_wait(&env, &url);
-    // A second task on a: a compliance check does not make one, a second stage joins nothing.
     let out = ctl(&world, &[&a, &b], &["status"]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -511,9 +510,32 @@ fn stage_progress_in_a_terminal() {
     let mut b = world.agent("esx-02", AgentOptions::default());
     a.start();
     b.start();
+    // A host whose first poll fails: its line says it is retrying, and why.
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let flaky = vibstage_e2e::FakeAgent::start(
+        &world.ca,
+        &world.dir.path().join("fake-flaky"),
+        move |r| match r.method.as_str() {
+            "POST" => vibstage_e2e::Answer::Json(
+                202,
+                serde_json::json!({"task": vibstage_e2e::fake_agent::task("f1", "running", (0, 1000), None)}),
+            ),
+            _ if polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 => {
+                vibstage_e2e::Answer::Raw {
+                    status: 503,
+                    headers: vec![],
+                    body: b"try later".to_vec(),
+                }
+            }
+            _ => vibstage_e2e::Answer::Json(
+                200,
+                vibstage_e2e::fake_agent::task("f1", "succeeded", (1000, 1000), None),
+            ),
+        },
+    );
     let dead = "127.0.0.1:1".to_owned();
     let mut args = vec!["--tls-dir".to_owned(), world.tls_dir.display().to_string()];
-    for h in [a.addr(), b.addr(), dead.clone()] {
+    for h in [a.addr(), b.addr(), dead.clone(), flaky.addr()] {
         args.extend(["--host".to_owned(), h]);
     }
     let image = world.depot_dir.join("images/esx-8.0u2.json");
@@ -574,7 +596,18 @@ fn stage_progress_in_a_terminal() {
     assert_eq!(dead_lines.len(), 1, "{shown}");
     assert!(dead_lines[0].contains("unreachable"), "{shown}");
     assert!(
-        shown.contains("summary: 3 hosts: 2 ok, 1 unreachable or refused"),
+        lines
+            .iter()
+            .any(|l| l.trim_start().starts_with(&flaky.addr())
+                && l.contains("retry 1/5 in 2s: HTTP 503: try later")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("{}: succeeded task f1", flaky.addr())),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("summary: 4 hosts: 3 ok, 1 unreachable or refused"),
         "{shown}"
     );
     eprintln!("{shown}");

@@ -428,13 +428,14 @@ pub(crate) async fn follow(
                 let backoff = MIN_POLL_INTERVAL
                     .saturating_mul(1 << errors.min(5))
                     .min(MAX_BACKOFF);
+                let why = match e.code().as_str() {
+                    "internal" => e.message(),
+                    code => format!("{code}: {}", e.message()),
+                };
                 watch.note(&format!(
-                    "task {} retrying in {}s ({errors} of {}): {}: {}",
-                    task.id,
-                    backoff.as_secs(),
+                    "retry {errors}/{} in {}s: {why}",
                     MAX_POLL_ERRORS - 1,
-                    e.code(),
-                    e.message()
+                    backoff.as_secs(),
                 ));
                 tokio::time::sleep_until(asked + backoff).await;
             }
