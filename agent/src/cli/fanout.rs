@@ -4,6 +4,11 @@
 //! `--timeout` and Ctrl-C cut off the hosts still running and print what is known; then the
 //! summary of SPEC §3 and one exit code. Everything printed passes through [`escape()`]: lines
 //! carry what hosts said.
+//!
+//! On a terminal each host has a line from the start (waiting, sending, retrying and why), which
+//! becomes a bar once the host reports a size, under a total with rate and time left; sizes are
+//! binary units everywhere ([`human_bytes`]), so final lines read like the bars (issue 17).
+//! `status` prints a table (a header, then one row per host) instead of `host: line`.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Write};
