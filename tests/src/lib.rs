@@ -14,9 +14,11 @@ pub mod agent;
 pub mod bin;
 pub mod depot;
 pub mod fault_case;
+pub mod lazyfs;
 pub mod pki;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};
 pub use bin::{bin, vibstagectl, vibstaged};
 pub use depot::{ANY_PATH, Depot, Fault, RequestLog};
+pub use lazyfs::LazyFs;
 pub use pki::TestPki;
