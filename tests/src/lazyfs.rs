@@ -16,7 +16,7 @@
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The environment variable that, set to `skip`, lets power-loss tests pass without running.
@@ -148,7 +148,10 @@ pub struct LazyFs {
     fifo: PathBuf,
     /// LazyFS's own log (fault acknowledgements).
     pub log: PathBuf,
-    child: Option<Child>,
+    /// `[[injection]]` tables for the next mount (torn writes: see [`torn_op`]).
+    injections: String,
+    /// The process that serves the mount: LazyFS detaches from the one started, even with `-f`.
+    pid: Option<i32>,
 }
 
 impl LazyFs {
@@ -163,17 +166,6 @@ impl LazyFs {
         let fifo = dir.join("faults.fifo");
         let log = dir.join("lazyfs.log");
         let config = dir.join("lazyfs.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[faults]\nfifo_path=\"{}\"\n[cache]\napply_eviction=false\n[cache.simple]\n\
-                 custom_size=\"512mb\"\nblocks_per_page=1\n[filesystem]\nlog_all_operations=false\n\
-                 logfile=\"{}\"\n",
-                fifo.display(),
-                log.display()
-            ),
-        )
-        .expect("lazyfs config");
         let mut fs = LazyFs {
             binary: binary(),
             disk,
@@ -181,21 +173,46 @@ impl LazyFs {
             config,
             fifo,
             log,
-            child: None,
+            pid: None,
+            injections: String::new(),
         };
         fs.mount();
         fs
     }
 
+    /// Faults LazyFS takes only from its configuration, for the next [`LazyFs::mount`]: the
+    /// FIFO takes commands of at most 100 bytes, too short for a path that ends in a sha256.
+    pub fn set_injections(&mut self, tables: String) {
+        self.injections = tables;
+    }
+
+    fn write_config(&self) {
+        std::fs::write(
+            &self.config,
+            format!(
+                "[faults]\nfifo_path=\"{}\"\n[cache]\napply_eviction=false\n[cache.simple]\n\
+                 custom_size=\"256mb\"\nblocks_per_page=1\n[filesystem]\nlog_all_operations={}\n\
+                 logfile=\"{}\"\n{}",
+                self.fifo.display(),
+                // Every operation in LazyFS's log, to see what a fault met.
+                std::env::var_os("VIBSTAGE_LAZYFS_LOG_OPS").is_some(),
+                self.log.display(),
+                self.injections,
+            ),
+        )
+        .expect("lazyfs config");
+    }
+
     /// Mounts (again) and waits until the mount and its fault FIFO are there.
     pub fn mount(&mut self) {
-        assert!(self.child.is_none(), "LazyFS already mounted");
+        assert!(self.pid.is_none(), "LazyFS already mounted");
+        self.write_config();
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log.with_extension("out"))
             .expect("lazyfs stdout");
-        let child = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .arg(&self.mnt)
             .arg("--config-path")
             .arg(&self.config)
@@ -210,10 +227,11 @@ impl LazyFs {
             .stderr(out)
             .spawn()
             .expect("start LazyFS");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(self.mounted() && self.fifo_has_reader()) {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            if let Ok(Some(status)) = child.try_wait()
+                && !status.success()
+            {
                 panic!(
                     "LazyFS exited at mount ({status}): {}",
                     std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
@@ -222,6 +240,23 @@ impl LazyFs {
             assert!(Instant::now() < deadline, "LazyFS did not mount in 20 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.pid = Some(self.server_pid().expect("the LazyFS process serving the mount"));
+        // The one started may stay (then it is the server) or have exited: reap it either way
+        // once it is done, from a thread, so that it never lingers as a zombie.
+        std::thread::spawn(move || child.wait());
+    }
+
+    /// The LazyFS process whose command line names this mount point.
+    fn server_pid(&self) -> Option<i32> {
+        let mnt = self.mnt.as_os_str().as_encoded_bytes().to_vec();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|b| *b == 0);
+            let exe = args.next()?;
+            (exe == self.binary.as_os_str().as_encoded_bytes() && args.any(|a| a == mnt))
+                .then_some(pid)
+        })
     }
 
     /// Whether `mnt` is a mount point of LazyFS now.
@@ -243,13 +278,19 @@ impl LazyFs {
 
     /// Whether LazyFS is still running (a crash fault kills it).
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        // A zombie still answers kill(0): look at its state too.
+        self.pid.is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+                .is_some_and(|zombie| !zombie)
+        })
     }
 
     /// Sends one command line to LazyFS's fault FIFO.
     pub fn command(&self, line: &str) {
+        // LazyFS reads 100 bytes at a time and would act on a truncated command.
+        assert!(line.len() < 100, "LazyFS command too long: {line}");
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match std::fs::OpenOptions::new()
@@ -289,6 +330,17 @@ impl LazyFs {
         }
     }
 
+    /// Writes every cached byte to the disk (a clean shutdown: unmounting does not).
+    pub fn checkpoint(&self) {
+        let before = self.log_count("checkpoint is done");
+        self.command("lazyfs::cache-checkpoint");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log_count("checkpoint is done") == before {
+            assert!(Instant::now() < deadline, "LazyFS never finished a checkpoint");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Arms a crash fault; LazyFS dies at the next matching operation.
     pub fn arm_crash(&self, crash: &Crash) {
         let mut line = format!("lazyfs::crash::timing={}::op={}", crash.timing, crash.op);
@@ -299,26 +351,6 @@ impl LazyFs {
             line.push_str(&format!("::to_rgx={to}"));
         }
         self.command(&line);
-    }
-
-    /// Arms a torn write of `file` (a path under [`LazyFs::disk`]): its `occurrence`-th write is
-    /// split in `parts`, only those in `persist` (1-based) reach the disk, and LazyFS dies.
-    pub fn arm_torn_op(&self, file: &Path, parts: u32, persist: &[u32], occurrence: u32) {
-        self.command(&format!(
-            "lazyfs::torn-op::file={}::parts={parts}::persist={}::occurrence={occurrence}",
-            file.display(),
-            join(persist)
-        ));
-    }
-
-    /// Arms a torn sequence on `file`: of the `occurrence`-th run of writes with no fsync between
-    /// them, only the writes in `persist` (1-based) reach the disk, and LazyFS dies after the last.
-    pub fn arm_torn_seq(&self, file: &Path, persist: &[u32], occurrence: u32) {
-        self.command(&format!(
-            "lazyfs::torn-seq::op=write::file={}::persist={}::occurrence={occurrence}",
-            file.display(),
-            join(persist)
-        ));
     }
 
     /// Unmounts (the agent must be stopped). Whatever LazyFS still held un-fsynced is lost, as
@@ -342,14 +374,19 @@ impl LazyFs {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
+        if self.alive()
+            && let Some(pid) = self.pid
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        self.pid = None;
     }
 
     /// Where `path` (under [`LazyFs::mnt`]) lies on the underlying disk.
@@ -357,6 +394,28 @@ impl LazyFs {
         self.disk
             .join(path.strip_prefix(&self.mnt).expect("a path under the mount"))
     }
+}
+
+/// A torn write (for [`LazyFs::set_injections`]) of `file`, a path under [`LazyFs::disk`]: its
+/// `occurrence`-th write is split in `parts`, only those in `persist` (1-based) reach the disk,
+/// and LazyFS dies.
+pub fn torn_op(file: &Path, occurrence: u32, parts: u32, persist: &[u32]) -> String {
+    format!(
+        "[[injection]]\ntype=\"torn-op\"\nfile=\"{}\"\noccurrence={occurrence}\nparts={parts}\npersist=[{}]\n",
+        file.display(),
+        join(persist)
+    )
+}
+
+/// A torn sequence (for [`LazyFs::set_injections`]) of `file`: of its `occurrence`-th run of
+/// writes with no fsync between them, only the writes in `persist` (1-based) reach the disk,
+/// and LazyFS dies after the last of them.
+pub fn torn_seq(file: &Path, occurrence: u32, persist: &[u32]) -> String {
+    format!(
+        "[[injection]]\ntype=\"torn-seq\"\nop=\"write\"\nfile=\"{}\"\noccurrence={occurrence}\npersist=[{}]\n",
+        file.display(),
+        join(persist)
+    )
 }
 
 fn join(values: &[u32]) -> String {
@@ -376,9 +435,13 @@ impl Drop for LazyFs {
                 .stderr(Stdio::null())
                 .status();
         }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if self.alive()
+            && let Some(pid) = self.pid
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -377,7 +377,7 @@ fn check_rebooted(host: &Host, log_from: usize) {
     let log = &log[log_from.min(log.len())..];
     assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
     assert!(
-        !log.contains("was corrupt") && !log.contains("quarantined"),
+        !log.contains("was corrupt") && !log.contains("quarantined=1"),
         "state was quarantined after a power cut:\n{log}"
     );
     let status = agent.status();
@@ -601,9 +601,46 @@ fn stage_and_remediate_survive_power_cuts() {
         } else {
             staged_after + normal.saturating_sub(staged_after).mul_f64(rng.unit())
         };
-        let mut label = match kind {
+        // Crash points are armed at the moment (the next such operation cuts the power); torn
+        // writes at the start, on one of the image's downloads (the firmware one comes in the
+        // remediation): LazyFS tears the first write or run of writes of a file.
+        let (what, op, from, to) = CRASH_POINTS[rng.below(CRASH_POINTS.len() as u64) as usize];
+        let timing = if rng.unit() < 0.5 { "before" } else { "after" };
+        // A torn run of writes needs three of them: only esx-base (900 kB) has that many.
+        let hex = if kind == Kind::TornSeq {
+            generation.hexes[0].clone()
+        } else {
+            generation.hexes[rng.below(generation.hexes.len() as u64) as usize].clone()
+        };
+        let partial = host
+            .fs
+            .disk
+            .join("scratch/ingest")
+            .join(format!("{hex}.partial"));
+        let parts = 3 + rng.below(2) as u32;
+        let occurrence = 1 + rng.below(2) as u32;
+        let label = match kind {
             Kind::ClearCache => "clear-cache".to_owned(),
-            _ => String::new(),
+            Kind::Crash => format!("crash {timing} {what}"),
+            Kind::TornOp => format!("torn-op of a download (write {occurrence} in {parts} parts, 1 and {parts} kept)"),
+            Kind::TornSeq => "torn-seq of a download (writes 1 and 3 kept)".to_owned(),
+        };
+        if matches!(kind, Kind::TornOp | Kind::TornSeq) {
+            // LazyFS takes torn writes from its configuration only: a clean reboot sets them.
+            host.agent.terminate(Duration::from_secs(20));
+            host.fs.checkpoint();
+            host.fs.unmount();
+            host.fs.set_injections(if kind == Kind::TornOp {
+                lazyfs::torn_op(&partial, occurrence, parts, &[1, parts])
+            } else {
+                lazyfs::torn_seq(&partial, 1, &[1, 3])
+            });
+            host.reboot();
+            host.fs.set_injections(String::new());
+        }
+        let arm_at = match kind {
+            Kind::TornOp | Kind::TornSeq => Duration::ZERO,
+            _ => moment,
         };
         let mut armed = false;
         let (last, finished) = {
@@ -612,52 +649,30 @@ fn stage_and_remediate_survive_power_cuts() {
                 if !fs.alive() {
                     return true;
                 }
-                if elapsed < moment {
+                if elapsed < arm_at || armed {
                     return false;
                 }
+                armed = true;
                 match kind {
-                    Kind::ClearCache => true,
-                    _ if armed => false,
-                    Kind::Crash => {
-                        let (what, op, from, to) =
-                            CRASH_POINTS[rng.below(CRASH_POINTS.len() as u64) as usize];
-                        let timing = if rng.unit() < 0.5 { "before" } else { "after" };
-                        label = format!("crash {timing} {what}");
-                        fs.arm_crash(&Crash {
-                            timing,
-                            op,
-                            from: Some(from.into()),
-                            to: to.map(Into::into),
-                        });
-                        armed = true;
-                        false
-                    }
-                    Kind::TornOp | Kind::TornSeq => {
-                        // One of the image's downloads (the firmware one comes in remediation).
-                        let hex = &generation.hexes[rng.below(generation.hexes.len() as u64) as usize];
-                        let partial = fs
-                            .disk
-                            .join("scratch/ingest")
-                            .join(format!("{hex}.partial"));
-                        if kind == Kind::TornOp {
-                            let occurrence = 1 + rng.below(3) as u32;
-                            label = "torn-op of a download".into();
-                            fs.arm_torn_op(&partial, 3, &[1, 3], occurrence);
-                        } else {
-                            label = "torn-seq of a download".into();
-                            fs.arm_torn_seq(&partial, &[1, 3], 1);
-                        }
-                        armed = true;
-                        false
-                    }
+                    Kind::ClearCache => return true,
+                    Kind::Crash => fs.arm_crash(&Crash {
+                        timing,
+                        op,
+                        from: Some(from.into()),
+                        to: to.map(Into::into),
+                    }),
+                    Kind::TornOp | Kind::TornSeq => {}
                 }
+                false
             })
         };
         // Armed but never reached (the run ended first): the cut happens, idle.
         let triggered = !host.fs.alive();
-        if kind != Kind::ClearCache && !triggered {
-            label = format!("{label} (not reached: idle clear-cache)");
-        }
+        let label = if kind != Kind::ClearCache && !triggered {
+            format!("{label} (not reached: idle clear-cache)")
+        } else {
+            label
+        };
         let when = if finished && !triggered {
             "after the run (idle)".to_owned()
         } else {
@@ -674,8 +689,8 @@ fn stage_and_remediate_survive_power_cuts() {
         rerequests += requests;
         check_completed(&host, &generation, hooks_from);
         eprintln!(
-            "cut {i}: {label} at {} ms ({when}); {c} files checked, {t} torn partial(s); completed with {requests} more request(s)",
-            moment.as_millis()
+            "cut {i}: {label} armed at {} ms ({when}); {c} files checked, {t} torn partial(s); completed with {requests} more request(s)",
+            arm_at.as_millis()
         );
         *by.entry((label, when)).or_default() += 1;
     }
@@ -712,8 +727,8 @@ fn stage_until(agent: &AgentProc, image: &Envelope, depot: &str, fraction: f64) 
     loop {
         let t = agent.request("GET", &format!("/v1/tasks/{id}"), None).json;
         let done = t["progress"]["bytes_done"].as_u64().unwrap_or(0) as f64;
-        let total = t["progress"]["bytes_total"].as_u64().unwrap_or(u64::MAX) as f64;
-        if done >= fraction * total {
+        let total = t["progress"]["bytes_total"].as_u64().unwrap_or(0) as f64;
+        if total > 0.0 && done >= fraction * total {
             return t;
         }
         assert!(Instant::now() < deadline, "staging never got to {fraction}: {t}");
