@@ -122,9 +122,18 @@ timeout_secs = 30
     /// The power goes: the agent stops at once, LazyFS loses what was not fsynced (if it is
     /// still alive; a crash fault already lost it), and the filesystem is unmounted.
     fn cut(&mut self) {
+        // The whole process tree stops at once: a hook the agent runs (`ls` of the blobs) must
+        // not go on through the cut and see the filesystem go away under it.
+        self.agent.signal(nix::sys::signal::Signal::SIGSTOP);
+        let tree = self.agent.pid().map(|p| tree(p as i32)).unwrap_or_default();
+        for pid in &tree {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGSTOP);
+        }
         if self.fs.alive() {
-            self.agent.signal(nix::sys::signal::Signal::SIGSTOP);
             self.fs.clear_cache();
+        }
+        for pid in tree.iter().skip(1) {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
         }
         self.agent.kill9();
         self.fs.unmount();
@@ -143,6 +152,26 @@ timeout_secs = 30
     fn state_disk(&self) -> PathBuf {
         self.fs.on_disk(&self.agent.state_dir)
     }
+}
+
+/// `pid` and all its descendants, parents first.
+fn tree(pid: i32) -> Vec<nix::unistd::Pid> {
+    let mut out = vec![nix::unistd::Pid::from_raw(pid)];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i].as_raw();
+        for task in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .map(nix::unistd::Pid::from_raw),
+            );
+        }
+        i += 1;
+    }
+    out
 }
 
 impl Drop for Host {
