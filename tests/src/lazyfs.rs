@@ -240,7 +240,10 @@ impl LazyFs {
             assert!(Instant::now() < deadline, "LazyFS did not mount in 20 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.pid = Some(self.server_pid().expect("the LazyFS process serving the mount"));
+        self.pid = Some(
+            self.server_pid()
+                .expect("the LazyFS process serving the mount"),
+        );
         // The one started may stay (then it is the server) or have exited: reap it either way
         // once it is done, from a thread, so that it never lingers as a zombie.
         std::thread::spawn(move || child.wait());
@@ -303,10 +306,7 @@ impl LazyFs {
                         .expect("write to the LazyFS FIFO");
                     return;
                 }
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "LazyFS FIFO has no reader: {e}"
-                ),
+                Err(e) => assert!(Instant::now() < deadline, "LazyFS FIFO has no reader: {e}"),
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -336,7 +336,10 @@ impl LazyFs {
         self.command("lazyfs::cache-checkpoint");
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.log_count("checkpoint is done") == before {
-            assert!(Instant::now() < deadline, "LazyFS never finished a checkpoint");
+            assert!(
+                Instant::now() < deadline,
+                "LazyFS never finished a checkpoint"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -391,8 +394,10 @@ impl LazyFs {
 
     /// Where `path` (under [`LazyFs::mnt`]) lies on the underlying disk.
     pub fn on_disk(&self, path: &Path) -> PathBuf {
-        self.disk
-            .join(path.strip_prefix(&self.mnt).expect("a path under the mount"))
+        self.disk.join(
+            path.strip_prefix(&self.mnt)
+                .expect("a path under the mount"),
+        )
     }
 }
 

@@ -160,8 +160,13 @@ fn tree(pid: i32) -> Vec<nix::unistd::Pid> {
     let mut i = 0;
     while i < out.len() {
         let p = out[i].as_raw();
-        for task in std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten() {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for task in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
             out.extend(
                 children
                     .split_whitespace()
@@ -245,23 +250,48 @@ const KINDS: [Kind; 4] = [Kind::ClearCache, Kind::Crash, Kind::TornOp, Kind::Tor
 /// The crash points: (what, op, from regex, to regex). LazyFS matches a rename on its
 /// destination only when both are given.
 const CRASH_POINTS: [(&str, &str, &str, Option<&str>); 8] = [
-    ("store: write of a partial", "write", "ingest/.*[.]partial", None),
-    ("store: fsync of a partial", "fsync", "ingest/.*[.]partial", None),
+    (
+        "store: write of a partial",
+        "write",
+        "ingest/.*[.]partial",
+        None,
+    ),
+    (
+        "store: fsync of a partial",
+        "fsync",
+        "ingest/.*[.]partial",
+        None,
+    ),
     (
         "store: rename into blobs/",
         "rename",
         "ingest/",
         Some("blobs/sha256/"),
     ),
-    ("write_atomic: write of the temporary file", "write", "/[.][^/]*[.]tmp", None),
-    ("write_atomic: fsync of the temporary file", "fsync", "/[.][^/]*[.]tmp", None),
+    (
+        "write_atomic: write of the temporary file",
+        "write",
+        "/[.][^/]*[.]tmp",
+        None,
+    ),
+    (
+        "write_atomic: fsync of the temporary file",
+        "fsync",
+        "/[.][^/]*[.]tmp",
+        None,
+    ),
     (
         "write_atomic: rename over a state file or record",
         "rename",
         "[.]tmp",
         Some("(state|images)/[^/]*json"),
     ),
-    ("bank: write of a bank file", "write", "bootbank/bank-", None),
+    (
+        "bank: write of a bank file",
+        "write",
+        "bootbank/bank-",
+        None,
+    ),
     (
         "bank: rename of bootbank/current",
         "rename",
@@ -293,7 +323,10 @@ fn check_disk(host: &Host, allowed_banks: &[&str]) -> (usize, usize) {
         };
         let part = std::fs::read(entry.path()).expect("partial");
         if let Ok(full) = std::fs::read(host.world.depot_dir.join("vibs").join(hex)) {
-            assert!(part.len() <= full.len(), "partial {hex} longer than its VIB");
+            assert!(
+                part.len() <= full.len(),
+                "partial {hex} longer than its VIB"
+            );
             if part[..] != full[..part.len()] {
                 // A torn write leaves a hole; the agent must never commit it (checked later).
                 torn_partials += 1;
@@ -304,8 +337,8 @@ fn check_disk(host: &Host, allowed_banks: &[&str]) -> (usize, usize) {
     let held: BTreeMap<String, u64> = blobs
         .iter()
         .map(|(name, _)| {
-            let len = std::fs::metadata(scratch.join("blobs/sha256").join(name))
-                .map_or(0, |m| m.len());
+            let len =
+                std::fs::metadata(scratch.join("blobs/sha256").join(name)).map_or(0, |m| m.len());
             (name.clone(), len)
         })
         .collect();
@@ -651,7 +684,9 @@ fn stage_and_remediate_survive_power_cuts() {
         let label = match kind {
             Kind::ClearCache => "clear-cache".to_owned(),
             Kind::Crash => format!("crash {timing} {what}"),
-            Kind::TornOp => format!("torn-op of a download (write {occurrence} in {parts} parts, 1 and {parts} kept)"),
+            Kind::TornOp => format!(
+                "torn-op of a download (write {occurrence} in {parts} parts, 1 and {parts} kept)"
+            ),
             Kind::TornSeq => "torn-seq of a download (writes 1 and 3 kept)".to_owned(),
         };
         if matches!(kind, Kind::TornOp | Kind::TornSeq) {
@@ -760,7 +795,10 @@ fn stage_until(agent: &AgentProc, image: &Envelope, depot: &str, fraction: f64) 
         if total > 0.0 && done >= fraction * total {
             return t;
         }
-        assert!(Instant::now() < deadline, "staging never got to {fraction}: {t}");
+        assert!(
+            Instant::now() < deadline,
+            "staging never got to {fraction}: {t}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
