@@ -16,6 +16,7 @@ pub mod depot;
 pub mod fake_agent;
 pub mod fault_case;
 pub mod pki;
+pub mod vibs;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};
 pub use bin::{bin, vibstagectl, vibstaged};
