@@ -410,6 +410,13 @@ impl<R: Read + Seek> Bundle<R> {
         Ok(vib)
     }
 
+    /// Opens the entry at `path` to read its bytes as stored in the bundle.
+    pub fn entry(&mut self, path: &str) -> Result<zip::read::ZipFile<'_, R>, VibError> {
+        self.zip
+            .by_name(path)
+            .map_err(|e| bad(format!("{path}: {e}")))
+    }
+
     /// The component a VIB belongs to, from the bulletins: the one component bulletin that
     /// lists it (a pre-7.0 bulletin names its bulletin id instead). `None` when no bulletin
     /// lists it; an error when two components claim it.

@@ -88,9 +88,22 @@ impl PrefixCheck {
         }
     }
 
+    /// The identity it expects.
+    pub fn expected(&self) -> &VibIdentity {
+        &self.expected
+    }
+
     /// Bytes fed so far.
     pub fn fed(&self) -> u64 {
         self.fed
+    }
+
+    /// Counts `n` bytes as seen without looking at them: for bytes past the prefix once the
+    /// verdict is in (a resumed download whose header was re-read from disk).
+    pub fn skip(&mut self, n: u64) {
+        if self.verdict != Verdict::Pending {
+            self.fed += n;
+        }
     }
 
     /// Where the check stands.
