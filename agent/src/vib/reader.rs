@@ -184,6 +184,9 @@ fn check_payload(
             e.limit, size, limits.max_ratio, limits.max_expanded
         ))
     };
+    // A gzip error is reported only after the stored checksums: bytes that differ from what
+    // was declared are a checksum mismatch first, whatever they decompress to.
+    let mut gzip_failure: Option<String> = None;
     let mut left = size;
     let mut buf = vec![0u8; 256 << 10];
     while left > 0 {
@@ -208,14 +211,20 @@ fn check_payload(
             if d.get_ref().exceeded {
                 return Err(bomb(d.get_ref()));
             }
-            return Err(gunzip_error(format!("not valid gzip data: {e}")));
+            gzip_failure = Some(format!("not valid gzip data: {e}"));
+            decoder = None;
         }
         left -= n as u64;
     }
-    let mut results: Vec<(usize, &'static str, String)> = stored
+    let stored: Vec<(usize, &'static str, String)> = stored
         .into_iter()
         .map(|(i, h)| (i, "stored", h.hex()))
         .collect();
+    compare(decl, stored)?;
+    if let Some(failure) = gzip_failure {
+        return Err(gunzip_error(failure));
+    }
+    let mut results = Vec::new();
     if let Some(d) = decoder {
         let expanded = d
             .finish()
@@ -230,6 +239,12 @@ fn check_payload(
                 .map(|(i, h)| (i, "gunzipped", h.hex())),
         );
     }
+    compare(decl, results)
+}
+
+/// Compares computed checksums (index into the declared ones, which bytes, hex) with the
+/// declared ones.
+fn compare(decl: &Payload, results: Vec<(usize, &'static str, String)>) -> Result<(), VibError> {
     for (i, which, actual) in results {
         let c = &decl.checksums[i];
         if c.hex != actual {
