@@ -338,3 +338,85 @@ fn a_depot_serving_another_real_vib_under_a_re_signed_descriptor_is_refused_by_t
         .unwrap_or_default();
     assert!(partials.is_empty(), "{partials:?}");
 }
+
+#[test]
+fn install_command_gets_real_vib_file_names() {
+    let world = World::new();
+    let (vendor_key, image_key) = keys(&world);
+    let vibs = [
+        VibBuild::new("acme", "esx-base", "8.0.2-0.20", 100_000),
+        VibBuild::new("acme", "vsan", "8.0.2-0.20", 50_000),
+    ];
+    let mut files = Vec::new();
+    for v in &vibs {
+        let f = world.dir.path().join(format!("{}.vib", v.name));
+        std::fs::write(&f, v.build()).expect("vib");
+        files.push(s(&f));
+    }
+    let depot = s(&world.depot_dir);
+    let mut args = vec!["depot", "import", "--depot", &depot, "--key", &vendor_key];
+    args.extend(files.iter().map(String::as_str));
+    ctl(&args).expect("import");
+    ctl(&[
+        "image",
+        "create",
+        "--depot",
+        &depot,
+        "--key",
+        &image_key,
+        "--name",
+        "esx",
+        "--serial",
+        "1",
+        "--base-image",
+        "8.0.2-0.20",
+        "--component",
+        "esx-base=8.0.2-0.20",
+        "--component",
+        "vsan=8.0.2-0.20",
+    ])
+    .expect("image");
+    let image: Envelope = serde_json::from_slice(
+        &std::fs::read(world.depot_dir.join("images/esx.json")).expect("image"),
+    )
+    .expect("envelope");
+
+    // The hook records each argument's file name and that it reads as the VIB it names.
+    let log = world.dir.path().join("install.log");
+    let agent = world.agent("esx-01", AgentOptions::default());
+    let hook = format!(
+        "\n[install]\ncommand = [\"sh\", \"-c\", \"for v; do echo $(basename $v) $(head -c 8 $v | tr -d '\\\\n'); done >> {}\", \"install\"]\n",
+        log.display()
+    );
+    let config = std::fs::read_to_string(&agent.config).expect("config") + &hook;
+    std::fs::write(&agent.config, config).expect("config");
+    let mut agent = agent;
+    agent.start();
+    let r = agent.request(
+        "POST",
+        "/v1/remediate",
+        Some(&serde_json::json!({"image": image, "depot": world.depot.url()})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json["task"]["id"].as_str().expect("id").to_owned();
+    let task = agent.wait_task(&id, 120);
+    assert_eq!(task["state"], "succeeded", "{task}");
+    let text = std::fs::read_to_string(&log).expect("hook ran");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        [
+            "acme_bootbank_esx-base_8.0.2-0.20.vib !<arch>",
+            "acme_bootbank_vsan_8.0.2-0.20.vib !<arch>"
+        ],
+        "{text}"
+    );
+    // The links are gone after the command.
+    let leftovers: Vec<_> = std::fs::read_dir(&agent.state_dir)
+        .expect("state dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("install-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -31,7 +31,7 @@ pub mod xml;
 
 pub use bundle::Bundle;
 pub use descriptor::{Payload, VibXml};
-pub use reader::{Vib, read_vib};
+pub use reader::{Vib, read_descriptor, read_vib};
 pub use sniff::{PrefixCheck, VibIdentity};
 
 /// Bounds on what a VIB or bundle may make the reader do.

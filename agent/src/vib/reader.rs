@@ -381,3 +381,22 @@ pub fn read_vib(r: impl Read, limits: &Limits) -> Result<Vib, VibError> {
         size: r.read,
     })
 }
+
+/// Reads only the first member of a VIB: its `descriptor.xml`. `None` when `r` is not a real
+/// VIB (not an ar archive, or its first member is something else). Used where the payloads were
+/// already checked (the installer hook naming staged VIBs by their real file names).
+pub fn read_descriptor(mut r: impl Read, limits: &Limits) -> Result<Option<VibXml>, VibError> {
+    let mut head = [0u8; 8 + HEADER_LEN];
+    let n = read_full(&mut r, &mut head)?;
+    if n < head.len() || &head[..8] != ar::MAGIC {
+        return Ok(None);
+    }
+    let Ok(h) = ar::parse_header(&head[8..], 8) else {
+        return Ok(None);
+    };
+    if h.name != "descriptor.xml" {
+        return Ok(None);
+    }
+    let bytes = read_small(&mut r, &h, limits.max_descriptor)?;
+    VibXml::parse(&bytes).map(Some)
+}
