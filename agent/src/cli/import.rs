@@ -409,15 +409,15 @@ pub fn report(imported: &[ImportedVib], json: bool, out: &mut dyn Write) -> Resu
     )
 }
 
+/// The base image version (if the bundle has one) and the `(component, version)` pairs.
+pub type ImageParts = (Option<String>, Vec<(String, String)>);
+
 /// What `image create --from-bundle` takes from a bundle: the base image version (when the
 /// bundle carries a base image; the highest if several) and the components of the base image
 /// and of the selected add-ons (all add-ons when `addons` is empty; an add-on's component
 /// version wins over the base image's). A bundle without a base image contributes the
 /// components of its bulletins.
-pub fn image_parts(
-    bundle_path: &Path,
-    addons: &[String],
-) -> Result<(Option<String>, Vec<(String, String)>), CliError> {
+pub fn image_parts(bundle_path: &Path, addons: &[String]) -> Result<ImageParts, CliError> {
     let shown = bundle_path.display().to_string();
     let bundle = Bundle::open(open(bundle_path)?, &Limits::default())
         .map_err(|e| CliError::config("offline bundle", bundle_path, e))?;

@@ -328,7 +328,7 @@ pub fn read_vib(r: impl Read, limits: &Limits) -> Result<Vib, VibError> {
             });
         }
         let h = ar::parse_header(&header, offset)?;
-        if seen.iter().any(|s| *s == h.name) {
+        if seen.contains(&h.name) {
             return Err(VibError::Duplicate { name: h.name });
         }
         if seen.len() >= limits.max_members {

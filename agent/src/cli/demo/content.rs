@@ -72,9 +72,13 @@ impl Demo<'_> {
         fs::write(&path, &bytes)
             .map_err(|e| CliError::io("write", &path, e))
             .map_err(cli_failure(step))?;
-        let imported =
-            crate::cli::import::import(depot, &key, AcceptanceLevel::Partner, &[path.clone()])
-                .map_err(cli_failure(step))?;
+        let imported = crate::cli::import::import(
+            depot,
+            &key,
+            AcceptanceLevel::Partner,
+            std::slice::from_ref(&path),
+        )
+        .map_err(cli_failure(step))?;
         let total: u64 = imported.iter().map(|v| v.descriptor.size).sum();
         Ok(format!(
             "an offline bundle {} ({}) of {} real-format VIBs imported into depot/ with \
