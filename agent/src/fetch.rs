@@ -16,6 +16,7 @@ use reqwest::{StatusCode, Url};
 use vibstage_protocol::{Digest, ErrorCode};
 
 use crate::store::{Committed, Ingest, Store, StoreError};
+use crate::vib::{Limits, PrefixCheck, VibIdentity, ar::HEADER_LEN, ar::MAGIC};
 
 /// Slowest transfer tolerated, averaged over each `timeout` window (a slow drip is a stall).
 const MIN_BYTES_PER_SEC: u64 = 1024;
@@ -44,6 +45,16 @@ pub enum FetchError {
     /// The store refused the bytes (mismatch, no space, I/O).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The blob is a real VIB whose own `descriptor.xml` does not name the VIB its signed
+    /// descriptor names (issue 14): `checksum_mismatch`, since the bytes do not match their
+    /// descriptor.
+    #[error("blob sha256:{digest} does not match its descriptor: {detail}")]
+    NotTheVib {
+        /// The blob.
+        digest: Digest,
+        /// What the VIB says and what was expected.
+        detail: String,
+    },
 }
 
 impl FetchError {
@@ -53,13 +64,14 @@ impl FetchError {
             FetchError::BadDepot { .. } => ErrorCode::BadRequest,
             FetchError::Unreachable { .. } => ErrorCode::DepotUnreachable,
             FetchError::Store(e) => store_code(e),
+            FetchError::NotTheVib { .. } => ErrorCode::ChecksumMismatch,
         }
     }
 
     fn retriable(&self) -> bool {
         match self {
             FetchError::Unreachable { retriable, .. } => *retriable,
-            FetchError::Store(StoreError::Checksum { .. }) => true,
+            FetchError::Store(StoreError::Checksum { .. }) | FetchError::NotTheVib { .. } => true,
             _ => false,
         }
     }
@@ -175,11 +187,17 @@ impl Fetcher {
 
     /// Fetches blob `digest` of `size` bytes from `<depot>/vibs/<hex>` into `store` and commits
     /// it. `progress` is told the blob's byte offset as it grows (and drops, on a restart).
+    ///
+    /// With `expect`, a blob that is a real VIB (an ar archive whose first member is
+    /// `descriptor.xml`) must name that VIB in its `descriptor.xml`: a [`PrefixCheck`] looks at
+    /// the first member while the bytes stream in, before they are written, and never hashes a
+    /// payload. Other blobs pass through it untouched.
     pub async fn fetch_blob(
         &self,
         depot: &Url,
         digest: Digest,
         size: u64,
+        expect: Option<&VibIdentity>,
         store: &Store,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<Committed, FetchError> {
@@ -193,9 +211,39 @@ impl Fetcher {
         // while on a slow disk, so they leave the async worker free for other work meanwhile.
         let mut ingest = blocking(|| store.ingest(digest, size))?;
         progress(ingest.offset());
+        let limits = Limits::default();
+        let fresh = || expect.map(|e| PrefixCheck::new(e.clone(), &limits));
+        let mut check = fresh();
         let mut attempt = 0;
         loop {
-            let err = match self.attempt(&url, &mut ingest, progress).await {
+            // The check must have seen every byte the partial file holds: after a resume (here
+            // or after a restart of the agent) it re-reads the header from the file.
+            if let Some(c) = &check
+                && c.fed() != ingest.offset()
+            {
+                check = fresh();
+                if let Some(c) = check.as_mut() {
+                    let _ = ingest.flush();
+                    let max = (MAGIC.len() + HEADER_LEN) as u64 + limits.max_descriptor;
+                    let prefix = store
+                        .partial_prefix(&digest, ingest.offset().min(max))
+                        .unwrap_or_default();
+                    if prefix.len() as u64 == ingest.offset().min(max) {
+                        if let Err(e) = c.feed(&prefix) {
+                            store.discard_partial(&digest);
+                            return Err(not_the_vib(digest, &e));
+                        }
+                        c.skip(ingest.offset() - prefix.len() as u64);
+                    } else {
+                        ingest.restart()?;
+                        progress(0);
+                    }
+                }
+            }
+            let err = match self
+                .attempt(&url, &mut ingest, check.as_mut(), progress)
+                .await
+            {
                 Ok(()) => match blocking(|| store.commit(ingest)) {
                     Ok(c) => {
                         self.stats.downloads.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +256,12 @@ impl Fetcher {
                         FetchError::Store(e)
                     }
                 },
+                Err(e @ FetchError::NotTheVib { .. }) => {
+                    // Wrong bytes: nothing of them is worth resuming from.
+                    ingest.restart()?;
+                    progress(0);
+                    e
+                }
                 Err(e) => e,
             };
             let _ = ingest.flush();
@@ -228,8 +282,16 @@ impl Fetcher {
         &self,
         url: &Url,
         ingest: &mut Ingest,
+        mut check: Option<&mut PrefixCheck>,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), FetchError> {
+        let digest = ingest.digest();
+        let restart_check = |check: &mut Option<&mut PrefixCheck>| {
+            if let Some(c) = check.as_deref_mut() {
+                let expected = c.expected().clone();
+                *c = PrefixCheck::new(expected, &Limits::default());
+            }
+        };
         let size = ingest.size();
         let offset = ingest.offset();
         if offset == size {
@@ -264,6 +326,7 @@ impl Fetcher {
                 if offset > 0 {
                     tracing::info!(url = %redact(url), offset, "depot ignored the Range request; starting over");
                     ingest.restart()?;
+                    restart_check(&mut check);
                     progress(0);
                 }
                 if let Some(len) = content_length
@@ -285,6 +348,7 @@ impl Fetcher {
                     .and_then(parse_content_range);
                 if range != Some((offset, size - 1, size)) {
                     ingest.restart()?;
+                    restart_check(&mut check);
                     progress(0);
                     return Err(fail(
                         format!(
@@ -297,6 +361,7 @@ impl Fetcher {
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 ingest.restart()?;
+                restart_check(&mut check);
                 progress(0);
                 return Err(fail(
                     "416 Range Not Satisfiable; starting over".into(),
@@ -339,6 +404,9 @@ impl Fetcher {
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunk,
             };
+            if let Some(c) = check.as_deref_mut() {
+                c.feed(&chunk).map_err(|e| not_the_vib(digest, &e))?;
+            }
             ingest.write(&chunk)?;
             self.stats
                 .bytes
@@ -366,7 +434,17 @@ impl Fetcher {
                 true,
             ));
         }
+        if let Some(c) = check {
+            c.finish().map_err(|e| not_the_vib(digest, &e))?;
+        }
         Ok(())
+    }
+}
+
+fn not_the_vib(digest: Digest, e: &crate::vib::VibError) -> FetchError {
+    FetchError::NotTheVib {
+        digest,
+        detail: e.to_string(),
     }
 }
 

@@ -24,3 +24,4 @@ pub mod state;
 pub mod store;
 pub mod tasks;
 pub mod tls;
+pub mod vib;

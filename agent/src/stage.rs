@@ -22,6 +22,7 @@ use vibstage_protocol::{
 
 use crate::fetch::{FetchError, Fetcher, store_code};
 use crate::store::{ImageRecord, StagedVib, Store, StoreError};
+use crate::vib::VibIdentity;
 
 /// Errors of a staging run.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,16 @@ impl StageError {
             StageError::Store(e) => store_code(e),
             StageError::Incomplete { .. } => ErrorCode::Internal,
         }
+    }
+}
+
+/// The VIB a descriptor names, as a real VIB's own `descriptor.xml` must name it (issue 14).
+fn identity(d: &VibDescriptor) -> VibIdentity {
+    VibIdentity {
+        name: d.name.to_string(),
+        version: d.version.as_str().to_owned(),
+        vendor: d.vendor.clone(),
+        acceptance: d.acceptance,
     }
 }
 
@@ -357,9 +368,12 @@ impl Stager {
         progress.done.store(0, Ordering::Relaxed);
 
         let results: Vec<(Digest, Result<(), FetchError>)> = futures_util::stream::iter(
-            wanted.iter().map(|(d, v)| (*d, v.size)).collect::<Vec<_>>(),
+            wanted
+                .iter()
+                .map(|(d, v)| (*d, v.size, identity(v)))
+                .collect::<Vec<_>>(),
         )
-        .map(|(digest, size)| {
+        .map(|(digest, size, identity)| {
             let depot = &depot;
             async move {
                 let last = AtomicU64::new(0);
@@ -383,7 +397,7 @@ impl Stager {
                     last.store(held, Ordering::Relaxed);
                     progress.done.fetch_add(held, Ordering::Relaxed);
                     self.fetcher
-                        .fetch_blob(depot, digest, size, store, &report)
+                        .fetch_blob(depot, digest, size, Some(&identity), store, &report)
                         .await
                         .map(drop)
                 };

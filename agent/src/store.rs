@@ -383,6 +383,17 @@ impl Store {
             .map_err(|e| StoreError::io("fsync", &self.blob_dir(), e, String::new))?;
         Ok(Committed::New)
     }
+    /// The first `max` bytes of a blob's partial download (fewer if it is shorter): what a
+    /// resumed download already holds of the blob's header (issue 14's descriptor check).
+    pub fn partial_prefix(&self, digest: &Digest, max: u64) -> io::Result<Vec<u8>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(self.partial_path(digest))?;
+        let mut out = Vec::new();
+        file.take(max).read_to_end(&mut out)?;
+        Ok(out)
+    }
 
     /// Removes a partial download (after a failure that makes its bytes useless).
     pub fn discard_partial(&self, digest: &Digest) {

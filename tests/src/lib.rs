@@ -17,6 +17,7 @@ pub mod fake_agent;
 pub mod fault_case;
 pub mod lazyfs;
 pub mod pki;
+pub mod vibs;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};
 pub use bin::{bin, vibstagectl, vibstaged};
