@@ -45,6 +45,14 @@ pub enum FetchError {
     /// The store refused the bytes (mismatch, no space, I/O).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Every depot of a request failed for one blob; the detail names each with its failure.
+    #[error("every depot failed: {detail}")]
+    EveryDepot {
+        /// The code they agree on, else `depot_unreachable`.
+        code: ErrorCode,
+        /// Each depot, and its last failure.
+        detail: String,
+    },
     /// The blob is a real VIB whose own `descriptor.xml` does not name the VIB its signed
     /// descriptor names (issue 14): `checksum_mismatch`, since the bytes do not match their
     /// descriptor.
@@ -65,6 +73,7 @@ impl FetchError {
             FetchError::Unreachable { .. } => ErrorCode::DepotUnreachable,
             FetchError::Store(e) => store_code(e),
             FetchError::NotTheVib { .. } => ErrorCode::ChecksumMismatch,
+            FetchError::EveryDepot { code, .. } => *code,
         }
     }
 
@@ -98,6 +107,19 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retries: u32,
+}
+
+/// What one depot of a request served (see [`Fetcher::fetch_blob`]).
+#[derive(Debug, Default)]
+pub struct DepotCounter {
+    /// The depot, as it may be shown (without userinfo).
+    pub url: String,
+    /// Blobs whose download it completed.
+    pub blobs: AtomicU64,
+    /// Body bytes received from it.
+    pub bytes: AtomicU64,
+    /// Attempts on it that failed.
+    pub failures: AtomicU64,
 }
 
 /// Counters for `/metrics`.
@@ -186,27 +208,45 @@ impl Fetcher {
     }
 
     /// Fetches blob `digest` of `size` bytes from `<depot>/vibs/<hex>` into `store` and commits
-    /// it. `progress` is told the blob's byte offset as it grows (and drops, on a restart).
+    /// it, trying `depots` in order (SPEC §5): a failure on one (refused, 5xx, stall, wrong
+    /// bytes) goes on with the next, from the bytes already held; a round over every depot that
+    /// is still worth trying counts as one attempt of `depot.retries`, with backoff between
+    /// rounds. A depot that answers something no retry can change (404, 403) is not asked again
+    /// for this blob. `progress` is told the blob's byte offset as it grows (and drops, on a
+    /// restart). What each depot served is added to `served` (same order as `depots`).
     ///
     /// With `expect`, a blob that is a real VIB (an ar archive whose first member is
     /// `descriptor.xml`) must name that VIB in its `descriptor.xml`: a [`PrefixCheck`] looks at
     /// the first member while the bytes stream in, before they are written, and never hashes a
     /// payload. Other blobs pass through it untouched.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch_blob(
         &self,
-        depot: &Url,
+        depots: &[Url],
         digest: Digest,
         size: u64,
         expect: Option<&VibIdentity>,
         store: &Store,
         progress: &(dyn Fn(u64) + Send + Sync),
+        served: &[DepotCounter],
     ) -> Result<Committed, FetchError> {
-        let url = depot
-            .join(&format!("vibs/{digest}"))
-            .map_err(|e| FetchError::BadDepot {
-                url: redact(depot).to_string(),
-                reason: e.to_string(),
-            })?;
+        let urls = depots
+            .iter()
+            .map(|depot| {
+                depot
+                    .join(&format!("vibs/{digest}"))
+                    .map_err(|e| FetchError::BadDepot {
+                        url: redact(depot).to_string(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<Url>, FetchError>>()?;
+        if urls.is_empty() {
+            return Err(FetchError::BadDepot {
+                url: String::new(),
+                reason: "no depot given".into(),
+            });
+        }
         // Reopening re-hashes what a partial file holds and committing fsyncs: both may take a
         // while on a slow disk, so they leave the async worker free for other work meanwhile.
         let mut ingest = blocking(|| store.ingest(digest, size))?;
@@ -214,7 +254,11 @@ impl Fetcher {
         let limits = Limits::default();
         let fresh = || expect.map(|e| PrefixCheck::new(e.clone(), &limits));
         let mut check = fresh();
-        let mut attempt = 0;
+        // The last failure on each depot, and whether it is still worth asking.
+        let mut last: Vec<Option<FetchError>> = urls.iter().map(|_| None).collect();
+        let mut usable = vec![true; urls.len()];
+        let mut current = 0;
+        let mut round = 0;
         loop {
             // The check must have seen every byte the partial file holds: after a resume (here
             // or after a restart of the agent) it re-reads the header from the file.
@@ -240,13 +284,21 @@ impl Fetcher {
                     }
                 }
             }
-            let err = match self
-                .attempt(&url, &mut ingest, check.as_mut(), progress)
-                .await
-            {
+            let url = &urls[current];
+            let mut received = 0;
+            let result = self
+                .attempt(url, &mut ingest, check.as_mut(), progress, &mut received)
+                .await;
+            if let Some(counter) = served.get(current) {
+                counter.bytes.fetch_add(received, Ordering::Relaxed);
+            }
+            let err = match result {
                 Ok(()) => match blocking(|| store.commit(ingest)) {
                     Ok(c) => {
                         self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                        if let Some(counter) = served.get(current) {
+                            counter.blobs.fetch_add(1, Ordering::Relaxed);
+                        }
                         return Ok(c);
                     }
                     Err(e) => {
@@ -265,16 +317,83 @@ impl Fetcher {
                 Err(e) => e,
             };
             let _ = ingest.flush();
-            if !err.retriable() || attempt >= self.config.retries {
-                if !matches!(err, FetchError::Unreachable { .. }) {
-                    store.discard_partial(&digest);
-                }
-                return Err(err);
+            if let Some(counter) = served.get(current) {
+                counter.failures.fetch_add(1, Ordering::Relaxed);
             }
-            attempt += 1;
+            // The store's own failures (no space, I/O) are no depot's fault: no depot helps.
+            let depots_may_help = !matches!(
+                err,
+                FetchError::Store(ref e) if !matches!(e, StoreError::Checksum { .. } | StoreError::Size { .. })
+            );
+            if !err.retriable() {
+                usable[current] = false;
+            }
+            last[current] = Some(err);
+            let next = (1..=urls.len())
+                .map(|step| (current + step) % urls.len())
+                .find(|&i| usable[i]);
+            let wrapped = next.is_none_or(|i| i <= current);
+            if wrapped {
+                round += 1;
+            }
+            let Some(next) = next.filter(|_| depots_may_help && round <= self.config.retries)
+            else {
+                return Err(self.give_up(store, digest, depots, last, current));
+            };
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(url = %redact(&url), attempt, error = %err, "retrying download");
-            tokio::time::sleep(backoff(attempt)).await;
+            tracing::warn!(
+                url = %redact(url),
+                next = %redact(&urls[next]),
+                round,
+                error = %last[current].as_ref().map(ToString::to_string).unwrap_or_default(),
+                "download failed; trying again"
+            );
+            if wrapped {
+                tokio::time::sleep(backoff(round)).await;
+            }
+            current = next;
+        }
+    }
+
+    /// The error of a blob every depot failed: with one depot its own error (as it always
+    /// was); with several, every depot's last failure, named. A partial download is kept for a
+    /// later resume only after an unreachable depot (its bytes were verified as they came).
+    fn give_up(
+        &self,
+        store: &Store,
+        digest: Digest,
+        depots: &[Url],
+        mut last: Vec<Option<FetchError>>,
+        current: usize,
+    ) -> FetchError {
+        let keep_partial = matches!(last[current], Some(FetchError::Unreachable { .. }));
+        if !keep_partial {
+            store.discard_partial(&digest);
+        }
+        if depots.len() == 1 || last.iter().filter(|e| e.is_some()).count() == 1 {
+            if let Some(e) = last[current].take() {
+                return e;
+            }
+        }
+        let tried: Vec<(String, ErrorCode, String)> = depots
+            .iter()
+            .zip(&last)
+            .filter_map(|(depot, e)| {
+                e.as_ref()
+                    .map(|e| (redact(depot).to_string(), e.code(), e.to_string()))
+            })
+            .collect();
+        let code = match tried.first() {
+            Some((_, first, _)) if tried.iter().all(|(_, c, _)| c == first) => *first,
+            _ => ErrorCode::DepotUnreachable,
+        };
+        FetchError::EveryDepot {
+            code,
+            detail: tried
+                .into_iter()
+                .map(|(url, _, why)| format!("[{url}] {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
         }
     }
 
@@ -284,6 +403,7 @@ impl Fetcher {
         ingest: &mut Ingest,
         mut check: Option<&mut PrefixCheck>,
         progress: &(dyn Fn(u64) + Send + Sync),
+        received: &mut u64,
     ) -> Result<(), FetchError> {
         let digest = ingest.digest();
         let restart_check = |check: &mut Option<&mut PrefixCheck>| {
@@ -407,6 +527,7 @@ impl Fetcher {
             if let Some(c) = check.as_deref_mut() {
                 c.feed(&chunk).map_err(|e| not_the_vib(digest, &e))?;
             }
+            *received += chunk.len() as u64;
             ingest.write(&chunk)?;
             self.stats
                 .bytes

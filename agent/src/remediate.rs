@@ -244,7 +244,7 @@ impl Agent {
         task_id: &str,
         env: &Envelope,
         image: &VerifiedImage,
-        depot: &str,
+        depots: &[reqwest::Url],
         progress: &StageProgress,
     ) -> Result<Vec<Notification>, AgentError> {
         let step = |s: &str| {
@@ -281,7 +281,7 @@ impl Agent {
             .map(|v| v.descriptor.vendor.clone())
             .collect();
         self.stager
-            .stage(env, image, depot, &installed_vibs, &policy, progress)
+            .stage(env, image, depots, &installed_vibs, &policy, progress)
             .await?;
         let stores = self.stager.stores();
         let Some((store, _, record)) = stores.find(&image.digest)? else {

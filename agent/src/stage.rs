@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt as _;
+use reqwest::Url;
 use time::OffsetDateTime;
 use vibstage_protocol::api::{
     DpuState, FirmwareState, ImageRef, Notification, SoftwareState, StagingState,
@@ -20,7 +21,7 @@ use vibstage_protocol::{
     Digest, Envelope, ErrorCode, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
 };
 
-use crate::fetch::{FetchError, Fetcher, store_code};
+use crate::fetch::{DepotCounter, FetchError, Fetcher, redact, store_code};
 use crate::store::{ImageRecord, StagedVib, Store, StoreError};
 use crate::vib::VibIdentity;
 
@@ -148,6 +149,8 @@ pub struct StageProgress {
     pub total: AtomicU64,
     /// Bytes downloaded by this run.
     pub downloaded: AtomicU64,
+    /// What each depot of the request served, in the request's order (set when staging starts).
+    pub depots: std::sync::OnceLock<Vec<DepotCounter>>,
 }
 
 /// The stores staging may use: scratch, and the volatile fallback if configured.
@@ -337,18 +340,26 @@ impl Stager {
         })
     }
 
-    /// Stages `image` from `depot`. Blobs already held are not fetched again, so calling this
+    /// Stages `image` from `depots` (tried in order for each blob). Blobs already held are not fetched again, so calling this
     /// after an interrupted run resumes it.
     pub async fn stage(
         &self,
         envelope: &Envelope,
         image: &VerifiedImage,
-        depot: &str,
+        depots: &[Url],
         installed: &BTreeSet<Digest>,
         host: &HostPolicy,
         progress: &StageProgress,
     ) -> Result<StageOutcome, StageError> {
-        let depot = self.fetcher.depot_url(depot).map_err(StageError::Depot)?;
+        let served = progress.depots.get_or_init(|| {
+            depots
+                .iter()
+                .map(|d| DepotCounter {
+                    url: redact(d).to_string(),
+                    ..DepotCounter::default()
+                })
+                .collect()
+        });
         for (store, _) in self.stores.all() {
             store.ensure_layout()?;
         }
@@ -374,7 +385,7 @@ impl Stager {
                 .collect::<Vec<_>>(),
         )
         .map(|(digest, size, identity)| {
-            let depot = &depot;
+            let served = served.as_slice();
             async move {
                 let last = AtomicU64::new(0);
                 let report = |offset: u64| {
@@ -397,7 +408,15 @@ impl Stager {
                     last.store(held, Ordering::Relaxed);
                     progress.done.fetch_add(held, Ordering::Relaxed);
                     self.fetcher
-                        .fetch_blob(depot, digest, size, Some(&identity), store, &report)
+                        .fetch_blob(
+                            depots,
+                            digest,
+                            size,
+                            Some(&identity),
+                            store,
+                            &report,
+                            served,
+                        )
                         .await
                         .map(drop)
                 };

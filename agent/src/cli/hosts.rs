@@ -59,9 +59,10 @@ pub struct LifecycleArgs {
     /// The signed image.
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
-    /// Base URL of the depot the agents fetch from.
-    #[arg(long, value_name = "URL")]
-    pub depot: String,
+    /// Base URL of a depot the agents fetch from; repeat it (at most 8) for depots tried in
+    /// order for each blob (a site cache, a mirror, the origin).
+    #[arg(long, value_name = "URL", required = true)]
+    pub depot: Vec<String>,
     /// Wait for the task to end and report its result (required by `remediate` with several
     /// hosts, which finishes each host before it starts the next).
     #[arg(long)]
@@ -379,7 +380,14 @@ pub fn lifecycle(
         ));
     }
     let max_bytes = image_bytes(&image);
-    let depot = Arc::new(args.depot);
+    if args.depot.len() > vibstage_protocol::api::DepotList::MAX {
+        return Err(CliError::Usage(format!(
+            "at most {} --depot URLs may be given; {} were",
+            vibstage_protocol::api::DepotList::MAX,
+            args.depot.len()
+        )));
+    }
+    let depot = Arc::new(vibstage_protocol::api::DepotList::from(args.depot));
     let path = if remediate {
         "/v1/remediate"
     } else {
