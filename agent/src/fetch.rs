@@ -370,10 +370,10 @@ impl Fetcher {
         if !keep_partial {
             store.discard_partial(&digest);
         }
-        if depots.len() == 1 || last.iter().filter(|e| e.is_some()).count() == 1 {
-            if let Some(e) = last[current].take() {
-                return e;
-            }
+        if (depots.len() == 1 || last.iter().filter(|e| e.is_some()).count() == 1)
+            && let Some(e) = last[current].take()
+        {
+            return e;
         }
         let tried: Vec<(String, ErrorCode, String)> = depots
             .iter()

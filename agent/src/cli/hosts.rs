@@ -598,6 +598,7 @@ mod tests {
             bytes_downloaded: 0,
             notifications: vec![],
             step: None,
+            depots: vec![],
         };
         let o = task_outcome(&task);
         assert!(o.failed);
