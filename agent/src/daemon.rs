@@ -205,6 +205,7 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
             ca_pem,
             timeout: Duration::from_secs(config.depot.timeout_secs),
             retries: config.depot.retries,
+            max_bytes_per_sec: config.depot.max_bytes_per_sec,
         },
         metrics.fetch.clone(),
     )

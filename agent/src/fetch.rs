@@ -15,6 +15,7 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
 use vibstage_protocol::{Digest, ErrorCode};
 
+use crate::rate::RateLimiter;
 use crate::store::{Committed, Ingest, Store, StoreError};
 use crate::vib::{Limits, PrefixCheck, VibIdentity, ar::HEADER_LEN, ar::MAGIC};
 
@@ -107,6 +108,8 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retries: u32,
+    /// Download rate limit for the whole agent, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
 }
 
 /// What one depot of a request served (see [`Fetcher::fetch_blob`]).
@@ -139,6 +142,8 @@ pub struct Fetcher {
     client: reqwest::Client,
     config: FetchConfig,
     stats: Arc<FetchStats>,
+    /// `depot.max_bytes_per_sec`: one budget shared by every download (and every clone).
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Fetcher {
@@ -168,10 +173,13 @@ impl Fetcher {
         let client = builder
             .build()
             .map_err(|e| bad(format!("cannot build the HTTPS client: {e}")))?;
+        let limiter = (config.max_bytes_per_sec > 0)
+            .then(|| Arc::new(RateLimiter::new(config.max_bytes_per_sec)));
         Ok(Fetcher {
             client,
             config,
             stats,
+            limiter,
         })
     }
 
@@ -534,6 +542,11 @@ impl Fetcher {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             progress(ingest.offset());
             window_bytes += chunk.len() as u64;
+            if let Some(limiter) = &self.limiter {
+                // Time spent waiting for the rate limit is ours, not the depot's: it does not
+                // count against the depot's minimum speed.
+                window_start += limiter.take(chunk.len() as u64).await;
+            }
             let elapsed = window_start.elapsed();
             if elapsed >= self.config.timeout {
                 if window_bytes < MIN_BYTES_PER_SEC * elapsed.as_secs() {
@@ -662,6 +675,7 @@ mod tests {
                 ca_pem: None,
                 timeout: Duration::from_secs(1),
                 retries: 0,
+                max_bytes_per_sec: 0,
             },
             Arc::default(),
         )

@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod fsutil;
 pub mod metrics;
 pub mod pki;
+pub mod rate;
 pub mod remediate;
 pub mod server;
 pub mod stage;
