@@ -16,6 +16,7 @@ pub mod depot;
 pub mod fake_agent;
 pub mod fault_case;
 pub mod lazyfs;
+pub mod nginx;
 pub mod pki;
 pub mod vibs;
 
