@@ -14,6 +14,9 @@ use vibstage_protocol::{
     Envelope, ErrorCode, ImageDigest, TrustStore, VerifiedImage, VerifyError, verify_image,
 };
 
+use reqwest::Url;
+use vibstage_protocol::api::DepotList;
+
 use crate::compliance;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -218,13 +221,10 @@ impl Agent {
         self: &Arc<Self>,
         kind: TaskKind,
         env: Envelope,
-        depot: String,
+        depots: DepotList,
     ) -> Result<Started, AgentError> {
         let image = self.verify(&env, true)?;
-        self.stager
-            .fetcher()
-            .depot_url(&depot)
-            .map_err(|e| AgentError::new(e.code(), e.to_string()))?;
+        let urls = self.depot_urls(&depots)?;
         let mut running = lock(&self.running);
         if let Some(r) = running.as_ref() {
             if r.digest == image.digest
@@ -293,7 +293,7 @@ impl Agent {
             Some(image_ref),
             Some(TaskRequest {
                 image: env.clone(),
-                depot: depot.clone(),
+                depot: depots,
             }),
             Some(progress.clone()),
         );
@@ -302,8 +302,32 @@ impl Agent {
             digest: image.digest,
         });
         drop(running);
-        self.spawn_job(kind, task.id.clone(), env, image, depot, progress);
+        self.spawn_job(kind, task.id.clone(), env, image, urls, progress);
         Ok(Started::New(task))
+    }
+
+    /// The depots of a request, each parsed and checked (https unless `depot.allow_http`): one
+    /// to [`DepotList::MAX`] of them.
+    fn depot_urls(&self, depots: &DepotList) -> Result<Vec<Url>, AgentError> {
+        let urls = depots.urls();
+        if urls.is_empty() || urls.len() > DepotList::MAX {
+            return Err(AgentError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a request names 1 to {} depots; this one names {}",
+                    DepotList::MAX,
+                    urls.len()
+                ),
+            ));
+        }
+        urls.iter()
+            .map(|url| {
+                self.stager
+                    .fetcher()
+                    .depot_url(url)
+                    .map_err(|e| AgentError::new(e.code(), e.to_string()))
+            })
+            .collect()
     }
 
     fn spawn_job(
@@ -312,18 +336,18 @@ impl Agent {
         task_id: String,
         env: Envelope,
         image: VerifiedImage,
-        depot: String,
+        depots: Vec<Url>,
         progress: Arc<StageProgress>,
     ) {
         let agent = self.clone();
         lock(&self.jobs).spawn(async move {
             let result = if kind == TaskKind::Remediate {
-                agent.run_remediation(&task_id, &env, &image, &depot, &progress).await
+                agent.run_remediation(&task_id, &env, &image, &depots, &progress).await
             } else {
                 let installed = lock(&agent.state).installed_vibs();
                 agent
                     .stager
-                    .stage(&env, &image, &depot, &installed, &agent.host_policy(), &progress)
+                    .stage(&env, &image, &depots, &installed, &agent.host_policy(), &progress)
                     .await
                     .map(|outcome| {
                         tracing::info!(image = %image.digest, downloaded = outcome.downloaded, location = %outcome.location.display(), "staged");
@@ -363,7 +387,10 @@ impl Agent {
         for (task, request) in interrupted {
             let resumable = task.kind == TaskKind::Stage && lock(&self.running).is_none();
             let verified = match (&request, resumable) {
-                (Some(req), true) => self.verify(&req.image, true).map(|v| (req.clone(), v)),
+                (Some(req), true) => self.verify(&req.image, true).and_then(|v| {
+                    // The depots are checked again: the configuration may have changed.
+                    Ok((req.clone(), v, self.depot_urls(&req.depot)?))
+                }),
                 _ => Err(AgentError::new(
                     ErrorCode::Internal,
                     format!(
@@ -373,7 +400,7 @@ impl Agent {
                 )),
             };
             match verified {
-                Ok((req, image)) => {
+                Ok((req, image, urls)) => {
                     tracing::info!(task = %task.id, image = %image.digest, "resuming interrupted staging");
                     let progress = Arc::new(StageProgress::default());
                     self.tasks.resume(&task.id, progress.clone());
@@ -381,14 +408,7 @@ impl Agent {
                         task_id: task.id.clone(),
                         digest: image.digest,
                     });
-                    self.spawn_job(
-                        TaskKind::Stage,
-                        task.id,
-                        req.image,
-                        image,
-                        req.depot,
-                        progress,
-                    );
+                    self.spawn_job(TaskKind::Stage, task.id, req.image, image, urls, progress);
                 }
                 Err(e) => {
                     tracing::warn!(task = %task.id, error = %e, "interrupted task failed");

@@ -213,6 +213,8 @@ pub struct DepotSection {
     pub timeout_secs: u64,
     /// Retries per VIB after the first attempt.
     pub retries: u32,
+    /// Download rate limit for the whole agent, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for DepotSection {
@@ -222,9 +224,13 @@ impl Default for DepotSection {
             ca: PathBuf::new(),
             timeout_secs: 30,
             retries: 5,
+            max_bytes_per_sec: 0,
         }
     }
 }
+
+/// Lowest `depot.max_bytes_per_sec` other than 0 (64 KiB/s).
+const MIN_RATE: u64 = 64 << 10;
 
 /// `[host]`
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
@@ -371,6 +377,14 @@ impl Config {
             return Err(invalid(
                 "listen.tcp",
                 "must be an address such as 0.0.0.0:9443 or [::]:9443, or \"\"",
+            ));
+        }
+        if self.depot.max_bytes_per_sec != 0 && self.depot.max_bytes_per_sec < MIN_RATE {
+            // Below this a download trips the stall detector's 1 KiB/s minimum between
+            // `scratch.concurrency` downloads, and nothing useful gets staged anyway.
+            return Err(invalid(
+                "depot.max_bytes_per_sec",
+                "must be 0 (unlimited) or at least 65536",
             ));
         }
         if self.depot.timeout_secs == 0 {

@@ -366,6 +366,7 @@ fn build_fetcher(config: &Config, metrics: &Metrics) -> Result<Fetcher, DaemonEr
             ca_pem,
             timeout: Duration::from_secs(config.depot.timeout_secs),
             retries: config.depot.retries,
+            max_bytes_per_sec: config.depot.max_bytes_per_sec,
         },
         metrics.fetch.clone(),
     )
@@ -405,7 +406,7 @@ fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsC
             agent.stager().set_fetcher(fetcher);
             tracing::info!(
                 ca = %config.depot.ca.display(),
-                "depot settings reloaded (depot.allow_http, depot.ca, depot.timeout_secs, depot.retries)"
+                "depot settings reloaded (depot.allow_http, depot.ca, depot.timeout_secs, depot.retries, depot.max_bytes_per_sec)"
             );
         }
         Err(e) => tracing::error!(error = %e, "depot settings not reloaded; keeping the old ones"),

@@ -15,7 +15,9 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
 use vibstage_protocol::{Digest, ErrorCode};
 
+use crate::rate::RateLimiter;
 use crate::store::{Committed, Ingest, Store, StoreError};
+use crate::vib::{Limits, PrefixCheck, VibIdentity, ar::HEADER_LEN, ar::MAGIC};
 
 /// Slowest transfer tolerated, averaged over each `timeout` window (a slow drip is a stall).
 const MIN_BYTES_PER_SEC: u64 = 1024;
@@ -44,6 +46,24 @@ pub enum FetchError {
     /// The store refused the bytes (mismatch, no space, I/O).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Every depot of a request failed for one blob; the detail names each with its failure.
+    #[error("every depot failed: {detail}")]
+    EveryDepot {
+        /// The code they agree on, else `depot_unreachable`.
+        code: ErrorCode,
+        /// Each depot, and its last failure.
+        detail: String,
+    },
+    /// The blob is a real VIB whose own `descriptor.xml` does not name the VIB its signed
+    /// descriptor names (issue 14): `checksum_mismatch`, since the bytes do not match their
+    /// descriptor.
+    #[error("blob sha256:{digest} does not match its descriptor: {detail}")]
+    NotTheVib {
+        /// The blob.
+        digest: Digest,
+        /// What the VIB says and what was expected.
+        detail: String,
+    },
 }
 
 impl FetchError {
@@ -53,13 +73,15 @@ impl FetchError {
             FetchError::BadDepot { .. } => ErrorCode::BadRequest,
             FetchError::Unreachable { .. } => ErrorCode::DepotUnreachable,
             FetchError::Store(e) => store_code(e),
+            FetchError::NotTheVib { .. } => ErrorCode::ChecksumMismatch,
+            FetchError::EveryDepot { code, .. } => *code,
         }
     }
 
     fn retriable(&self) -> bool {
         match self {
             FetchError::Unreachable { retriable, .. } => *retriable,
-            FetchError::Store(StoreError::Checksum { .. }) => true,
+            FetchError::Store(StoreError::Checksum { .. }) | FetchError::NotTheVib { .. } => true,
             _ => false,
         }
     }
@@ -86,6 +108,21 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// Retries after the first attempt.
     pub retries: u32,
+    /// Download rate limit for the whole agent, bytes per second; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
+}
+
+/// What one depot of a request served (see [`Fetcher::fetch_blob`]).
+#[derive(Debug, Default)]
+pub struct DepotCounter {
+    /// The depot, as it may be shown (without userinfo).
+    pub url: String,
+    /// Blobs whose download it completed.
+    pub blobs: AtomicU64,
+    /// Body bytes received from it.
+    pub bytes: AtomicU64,
+    /// Attempts on it that failed.
+    pub failures: AtomicU64,
 }
 
 /// Counters for `/metrics`.
@@ -105,6 +142,8 @@ pub struct Fetcher {
     client: reqwest::Client,
     config: FetchConfig,
     stats: Arc<FetchStats>,
+    /// `depot.max_bytes_per_sec`: one budget shared by every download (and every clone).
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Fetcher {
@@ -134,10 +173,13 @@ impl Fetcher {
         let client = builder
             .build()
             .map_err(|e| bad(format!("cannot build the HTTPS client: {e}")))?;
+        let limiter = (config.max_bytes_per_sec > 0)
+            .then(|| Arc::new(RateLimiter::new(config.max_bytes_per_sec)));
         Ok(Fetcher {
             client,
             config,
             stats,
+            limiter,
         })
     }
 
@@ -174,31 +216,97 @@ impl Fetcher {
     }
 
     /// Fetches blob `digest` of `size` bytes from `<depot>/vibs/<hex>` into `store` and commits
-    /// it. `progress` is told the blob's byte offset as it grows (and drops, on a restart).
+    /// it, trying `depots` in order (SPEC §5): a failure on one (refused, 5xx, stall, wrong
+    /// bytes) goes on with the next, from the bytes already held; a round over every depot that
+    /// is still worth trying counts as one attempt of `depot.retries`, with backoff between
+    /// rounds. A depot that answers something no retry can change (404, 403) is not asked again
+    /// for this blob. `progress` is told the blob's byte offset as it grows (and drops, on a
+    /// restart). What each depot served is added to `served` (same order as `depots`).
+    ///
+    /// With `expect`, a blob that is a real VIB (an ar archive whose first member is
+    /// `descriptor.xml`) must name that VIB in its `descriptor.xml`: a [`PrefixCheck`] looks at
+    /// the first member while the bytes stream in, before they are written, and never hashes a
+    /// payload. Other blobs pass through it untouched.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch_blob(
         &self,
-        depot: &Url,
+        depots: &[Url],
         digest: Digest,
         size: u64,
+        expect: Option<&VibIdentity>,
         store: &Store,
         progress: &(dyn Fn(u64) + Send + Sync),
+        served: &[DepotCounter],
     ) -> Result<Committed, FetchError> {
-        let url = depot
-            .join(&format!("vibs/{digest}"))
-            .map_err(|e| FetchError::BadDepot {
-                url: redact(depot).to_string(),
-                reason: e.to_string(),
-            })?;
+        let urls = depots
+            .iter()
+            .map(|depot| {
+                depot
+                    .join(&format!("vibs/{digest}"))
+                    .map_err(|e| FetchError::BadDepot {
+                        url: redact(depot).to_string(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<Url>, FetchError>>()?;
+        if urls.is_empty() {
+            return Err(FetchError::BadDepot {
+                url: String::new(),
+                reason: "no depot given".into(),
+            });
+        }
         // Reopening re-hashes what a partial file holds and committing fsyncs: both may take a
         // while on a slow disk, so they leave the async worker free for other work meanwhile.
         let mut ingest = blocking(|| store.ingest(digest, size))?;
         progress(ingest.offset());
-        let mut attempt = 0;
+        let limits = Limits::default();
+        let fresh = || expect.map(|e| PrefixCheck::new(e.clone(), &limits));
+        let mut check = fresh();
+        // The last failure on each depot, and whether it is still worth asking.
+        let mut last: Vec<Option<FetchError>> = urls.iter().map(|_| None).collect();
+        let mut usable = vec![true; urls.len()];
+        let mut current = 0;
+        let mut round = 0;
         loop {
-            let err = match self.attempt(&url, &mut ingest, progress).await {
+            // The check must have seen every byte the partial file holds: after a resume (here
+            // or after a restart of the agent) it re-reads the header from the file.
+            if let Some(c) = &check
+                && c.fed() != ingest.offset()
+            {
+                check = fresh();
+                if let Some(c) = check.as_mut() {
+                    let _ = ingest.flush();
+                    let max = (MAGIC.len() + HEADER_LEN) as u64 + limits.max_descriptor;
+                    let prefix = store
+                        .partial_prefix(&digest, ingest.offset().min(max))
+                        .unwrap_or_default();
+                    if prefix.len() as u64 == ingest.offset().min(max) {
+                        if let Err(e) = c.feed(&prefix) {
+                            store.discard_partial(&digest);
+                            return Err(not_the_vib(digest, &e));
+                        }
+                        c.skip(ingest.offset() - prefix.len() as u64);
+                    } else {
+                        ingest.restart()?;
+                        progress(0);
+                    }
+                }
+            }
+            let url = &urls[current];
+            let mut received = 0;
+            let result = self
+                .attempt(url, &mut ingest, check.as_mut(), progress, &mut received)
+                .await;
+            if let Some(counter) = served.get(current) {
+                counter.bytes.fetch_add(received, Ordering::Relaxed);
+            }
+            let err = match result {
                 Ok(()) => match blocking(|| store.commit(ingest)) {
                     Ok(c) => {
                         self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+                        if let Some(counter) = served.get(current) {
+                            counter.blobs.fetch_add(1, Ordering::Relaxed);
+                        }
                         return Ok(c);
                     }
                     Err(e) => {
@@ -208,19 +316,92 @@ impl Fetcher {
                         FetchError::Store(e)
                     }
                 },
+                Err(e @ FetchError::NotTheVib { .. }) => {
+                    // Wrong bytes: nothing of them is worth resuming from.
+                    ingest.restart()?;
+                    progress(0);
+                    e
+                }
                 Err(e) => e,
             };
             let _ = ingest.flush();
-            if !err.retriable() || attempt >= self.config.retries {
-                if !matches!(err, FetchError::Unreachable { .. }) {
-                    store.discard_partial(&digest);
-                }
-                return Err(err);
+            if let Some(counter) = served.get(current) {
+                counter.failures.fetch_add(1, Ordering::Relaxed);
             }
-            attempt += 1;
+            // The store's own failures (no space, I/O) are no depot's fault: no depot helps.
+            let depots_may_help = !matches!(
+                err,
+                FetchError::Store(ref e) if !matches!(e, StoreError::Checksum { .. } | StoreError::Size { .. })
+            );
+            if !err.retriable() {
+                usable[current] = false;
+            }
+            last[current] = Some(err);
+            let next = (1..=urls.len())
+                .map(|step| (current + step) % urls.len())
+                .find(|&i| usable[i]);
+            let wrapped = next.is_none_or(|i| i <= current);
+            if wrapped {
+                round += 1;
+            }
+            let Some(next) = next.filter(|_| depots_may_help && round <= self.config.retries)
+            else {
+                return Err(self.give_up(store, digest, depots, last, current));
+            };
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(url = %redact(&url), attempt, error = %err, "retrying download");
-            tokio::time::sleep(backoff(attempt)).await;
+            tracing::warn!(
+                url = %redact(url),
+                next = %redact(&urls[next]),
+                round,
+                error = %last[current].as_ref().map(ToString::to_string).unwrap_or_default(),
+                "download failed; trying again"
+            );
+            if wrapped {
+                tokio::time::sleep(backoff(round)).await;
+            }
+            current = next;
+        }
+    }
+
+    /// The error of a blob every depot failed: with one depot its own error (as it always
+    /// was); with several, every depot's last failure, named. A partial download is kept for a
+    /// later resume only after an unreachable depot (its bytes were verified as they came).
+    fn give_up(
+        &self,
+        store: &Store,
+        digest: Digest,
+        depots: &[Url],
+        mut last: Vec<Option<FetchError>>,
+        current: usize,
+    ) -> FetchError {
+        let keep_partial = matches!(last[current], Some(FetchError::Unreachable { .. }));
+        if !keep_partial {
+            store.discard_partial(&digest);
+        }
+        if (depots.len() == 1 || last.iter().filter(|e| e.is_some()).count() == 1)
+            && let Some(e) = last[current].take()
+        {
+            return e;
+        }
+        let tried: Vec<(String, ErrorCode, String)> = depots
+            .iter()
+            .zip(&last)
+            .filter_map(|(depot, e)| {
+                e.as_ref()
+                    .map(|e| (redact(depot).to_string(), e.code(), e.to_string()))
+            })
+            .collect();
+        let code = match tried.first() {
+            Some((_, first, _)) if tried.iter().all(|(_, c, _)| c == first) => *first,
+            _ => ErrorCode::DepotUnreachable,
+        };
+        FetchError::EveryDepot {
+            code,
+            detail: tried
+                .into_iter()
+                .map(|(url, _, why)| format!("[{url}] {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
         }
     }
 
@@ -228,8 +409,17 @@ impl Fetcher {
         &self,
         url: &Url,
         ingest: &mut Ingest,
+        mut check: Option<&mut PrefixCheck>,
         progress: &(dyn Fn(u64) + Send + Sync),
+        received: &mut u64,
     ) -> Result<(), FetchError> {
+        let digest = ingest.digest();
+        let restart_check = |check: &mut Option<&mut PrefixCheck>| {
+            if let Some(c) = check.as_deref_mut() {
+                let expected = c.expected().clone();
+                *c = PrefixCheck::new(expected, &Limits::default());
+            }
+        };
         let size = ingest.size();
         let offset = ingest.offset();
         if offset == size {
@@ -276,6 +466,7 @@ impl Fetcher {
                 if offset > 0 {
                     tracing::info!(url = %redact(url), offset, "depot ignored the Range request; starting over");
                     ingest.restart()?;
+                    restart_check(&mut check);
                     progress(0);
                 }
                 if let Some(len) = content_length
@@ -297,6 +488,7 @@ impl Fetcher {
                     .and_then(parse_content_range);
                 if range != Some((offset, size - 1, size)) {
                     ingest.restart()?;
+                    restart_check(&mut check);
                     progress(0);
                     return Err(fail(
                         format!(
@@ -309,6 +501,7 @@ impl Fetcher {
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 ingest.restart()?;
+                restart_check(&mut check);
                 progress(0);
                 return Err(fail(
                     "416 Range Not Satisfiable; starting over".into(),
@@ -351,12 +544,21 @@ impl Fetcher {
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => chunk,
             };
+            if let Some(c) = check.as_deref_mut() {
+                c.feed(&chunk).map_err(|e| not_the_vib(digest, &e))?;
+            }
+            *received += chunk.len() as u64;
             ingest.write(&chunk)?;
             self.stats
                 .bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             progress(ingest.offset());
             window_bytes += chunk.len() as u64;
+            if let Some(limiter) = &self.limiter {
+                // Time spent waiting for the rate limit is ours, not the depot's: it does not
+                // count against the depot's minimum speed.
+                window_start += limiter.take(chunk.len() as u64).await;
+            }
             let elapsed = window_start.elapsed();
             if elapsed >= self.config.timeout {
                 if window_bytes < MIN_BYTES_PER_SEC * elapsed.as_secs() {
@@ -378,7 +580,17 @@ impl Fetcher {
                 true,
             ));
         }
+        if let Some(c) = check {
+            c.finish().map_err(|e| not_the_vib(digest, &e))?;
+        }
         Ok(())
+    }
+}
+
+fn not_the_vib(digest: Digest, e: &crate::vib::VibError) -> FetchError {
+    FetchError::NotTheVib {
+        digest,
+        detail: e.to_string(),
     }
 }
 
@@ -502,6 +714,7 @@ mod tests {
                 ca_pem: None,
                 timeout: Duration::from_secs(1),
                 retries: 0,
+                max_bytes_per_sec: 0,
             },
             Arc::default(),
         )

@@ -63,6 +63,59 @@ async fn run_command(
     }
 }
 
+/// The paths `install.command` gets: for a real VIB, a symbolic link named as the VIB names its
+/// own file (`vendor_type_name_version.vib`, what `esxcli software vib install -v` expects to
+/// see) in a fresh root-only directory under `state_dir`, removed when the returned guard drops;
+/// for any other blob, the blob's own path as before.
+fn real_names(
+    state_dir: &Path,
+    blobs: Vec<PathBuf>,
+) -> io::Result<(Option<tempfile::TempDir>, Vec<PathBuf>)> {
+    let mut dir: Option<tempfile::TempDir> = None;
+    let mut out = Vec::with_capacity(blobs.len());
+    let limits = crate::vib::Limits::default();
+    for blob in blobs {
+        let file = fsutil_open_ro(&blob)?;
+        let name = crate::vib::read_descriptor(io::BufReader::new(file), &limits)
+            .ok()
+            .flatten()
+            .map(|x| x.file_name())
+            .filter(|n| crate::vib::check_member_name(n).is_ok());
+        let Some(name) = name else {
+            out.push(blob);
+            continue;
+        };
+        if dir.is_none() {
+            dir = Some(
+                tempfile::Builder::new()
+                    .prefix("install-")
+                    .tempdir_in(state_dir)?,
+            );
+        }
+        let Some(d) = dir.as_ref() else {
+            out.push(blob);
+            continue;
+        };
+        let link = d.path().join(&name);
+        if link.symlink_metadata().is_ok() {
+            // Two staged VIBs naming themselves alike: keep the blob path for the second.
+            out.push(blob);
+            continue;
+        }
+        std::os::unix::fs::symlink(&blob, &link)?;
+        out.push(link);
+    }
+    Ok((dir, out))
+}
+
+fn fsutil_open_ro(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// The bank directory of the built-in installer.
 pub fn bootbank(state_dir: &Path) -> PathBuf {
     state_dir.join("bootbank")
@@ -191,7 +244,7 @@ impl Agent {
         task_id: &str,
         env: &Envelope,
         image: &VerifiedImage,
-        depot: &str,
+        depots: &[reqwest::Url],
         progress: &StageProgress,
     ) -> Result<Vec<Notification>, AgentError> {
         let step = |s: &str| {
@@ -228,7 +281,7 @@ impl Agent {
             .map(|v| v.descriptor.vendor.clone())
             .collect();
         self.stager
-            .stage(env, image, depot, &installed_vibs, &policy, progress)
+            .stage(env, image, depots, &installed_vibs, &policy, progress)
             .await?;
         let stores = self.stager.stores();
         let Some((store, _, record)) = stores.find(&image.digest)? else {
@@ -342,20 +395,33 @@ impl Agent {
                 .collect::<BTreeSet<_>>(),
         };
         if !self.config.install.command.is_empty() {
-            // An installer command is given what was staged: the VIBs that change.
-            let paths: Vec<PathBuf> = record
+            // An installer command is given what was staged: the VIBs that change, real VIBs
+            // under their real file names (issue 14, item 4).
+            let blobs: Vec<PathBuf> = record
                 .vibs
                 .iter()
                 .map(|v| store.blob_path(&v.sha256))
                 .collect();
-            run_command(
+            let state_dir = self.config.agent.state_dir.clone();
+            let (links, paths) = tokio::task::spawn_blocking(move || real_names(&state_dir, blobs))
+                .await
+                .map_err(|e| failed(ErrorCode::Internal, format!("installer task: {e}")))?
+                .map_err(|e| {
+                    failed(
+                        ErrorCode::InstallFailed,
+                        format!("install.command: cannot name the staged VIBs: {e}"),
+                    )
+                })?;
+            let result = run_command(
                 "install.command",
                 &self.config.install.command,
                 &paths,
                 Duration::from_secs(self.config.maintenance.timeout_secs),
                 ErrorCode::InstallFailed,
             )
-            .await?;
+            .await;
+            drop(links);
+            result?;
             return Ok(installed);
         }
         // The built-in installer's bank holds the whole image: VIBs that were staged come from

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt as _;
+use reqwest::Url;
 use time::OffsetDateTime;
 use vibstage_protocol::api::{
     DpuState, FirmwareState, ImageRef, Notification, SoftwareState, StagingState,
@@ -20,8 +21,9 @@ use vibstage_protocol::{
     Digest, Envelope, ErrorCode, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
 };
 
-use crate::fetch::{FetchError, Fetcher, store_code};
+use crate::fetch::{DepotCounter, FetchError, Fetcher, redact, store_code};
 use crate::store::{ImageRecord, StagedVib, Store, StoreError};
+use crate::vib::VibIdentity;
 
 /// Errors of a staging run.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,16 @@ impl StageError {
     }
 }
 
+/// The VIB a descriptor names, as a real VIB's own `descriptor.xml` must name it (issue 14).
+fn identity(d: &VibDescriptor) -> VibIdentity {
+    VibIdentity {
+        name: d.name.to_string(),
+        version: d.version.as_str().to_owned(),
+        vendor: d.vendor.clone(),
+        acceptance: d.acceptance,
+    }
+}
+
 /// What the host is (SPEC §4 `[host]`), as staging needs it.
 #[derive(Clone, Debug, Default)]
 pub struct HostPolicy {
@@ -137,6 +149,8 @@ pub struct StageProgress {
     pub total: AtomicU64,
     /// Bytes downloaded by this run.
     pub downloaded: AtomicU64,
+    /// What each depot of the request served, in the request's order (set when staging starts).
+    pub depots: std::sync::OnceLock<Vec<DepotCounter>>,
 }
 
 /// The stores staging may use: scratch, and the volatile fallback if configured.
@@ -336,19 +350,27 @@ impl Stager {
         })
     }
 
-    /// Stages `image` from `depot`. Blobs already held are not fetched again, so calling this
+    /// Stages `image` from `depots` (tried in order for each blob). Blobs already held are not fetched again, so calling this
     /// after an interrupted run resumes it.
     pub async fn stage(
         &self,
         envelope: &Envelope,
         image: &VerifiedImage,
-        depot: &str,
+        depots: &[Url],
         installed: &BTreeSet<Digest>,
         host: &HostPolicy,
         progress: &StageProgress,
     ) -> Result<StageOutcome, StageError> {
         let fetcher = self.fetcher();
-        let depot = fetcher.depot_url(depot).map_err(StageError::Depot)?;
+        let served = progress.depots.get_or_init(|| {
+            depots
+                .iter()
+                .map(|d| DepotCounter {
+                    url: redact(d).to_string(),
+                    ..DepotCounter::default()
+                })
+                .collect()
+        });
         for (store, _) in self.stores.all() {
             store.ensure_layout()?;
         }
@@ -368,10 +390,13 @@ impl Stager {
         progress.done.store(0, Ordering::Relaxed);
 
         let results: Vec<(Digest, Result<(), FetchError>)> = futures_util::stream::iter(
-            wanted.iter().map(|(d, v)| (*d, v.size)).collect::<Vec<_>>(),
+            wanted
+                .iter()
+                .map(|(d, v)| (*d, v.size, identity(v)))
+                .collect::<Vec<_>>(),
         )
-        .map(|(digest, size)| {
-            let depot = &depot;
+        .map(|(digest, size, identity)| {
+            let served = served.as_slice();
             let fetcher = &fetcher;
             async move {
                 let last = AtomicU64::new(0);
@@ -395,7 +420,15 @@ impl Stager {
                     last.store(held, Ordering::Relaxed);
                     progress.done.fetch_add(held, Ordering::Relaxed);
                     fetcher
-                        .fetch_blob(depot, digest, size, store, &report)
+                        .fetch_blob(
+                            depots,
+                            digest,
+                            size,
+                            Some(&identity),
+                            store,
+                            &report,
+                            served,
+                        )
                         .await
                         .map(drop)
                 };

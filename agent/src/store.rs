@@ -302,6 +302,7 @@ impl Store {
             size,
             written: 0,
             writeback_from: 0,
+            synced_to: 0,
             hasher: Sha256::new(),
         };
         let len = file
@@ -323,6 +324,7 @@ impl Store {
             ingest.hasher.update(&buf[..n]);
             ingest.written += n as u64;
         }
+        ingest.synced_to = ingest.written;
         Ok(ingest)
     }
 
@@ -380,6 +382,17 @@ impl Store {
             .and_then(|()| fsutil::fsync_dir(&self.ingest_dir()))
             .map_err(|e| StoreError::io("fsync", &self.blob_dir(), e, String::new))?;
         Ok(Committed::New)
+    }
+    /// The first `max` bytes of a blob's partial download (fewer if it is shorter): what a
+    /// resumed download already holds of the blob's header (issue 14's descriptor check).
+    pub fn partial_prefix(&self, digest: &Digest, max: u64) -> io::Result<Vec<u8>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(self.partial_path(digest))?;
+        let mut out = Vec::new();
+        file.take(max).read_to_end(&mut out)?;
+        Ok(out)
     }
 
     /// Removes a partial download (after a failure that makes its bytes useless).
@@ -661,6 +674,8 @@ pub struct Ingest {
     written: u64,
     /// File offset up to which writeback to the disk has been started (see [`WRITEBACK_CHUNK`]).
     writeback_from: u64,
+    /// File offset at the last fdatasync, or at opening (see [`PARTIAL_SYNC_CHUNK`]).
+    synced_to: u64,
     hasher: Sha256,
 }
 
@@ -670,6 +685,14 @@ pub struct Ingest {
 /// fsync, so the disk idles while downloads run and then every download waits for the disk at
 /// once. Only a hint: any write error still surfaces at the fsync.
 const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// Every this many bytes, an ingest fdatasyncs its partial file, so that a power cut (which,
+/// unlike a SIGKILL, loses the page cache) costs at most this much of each download in progress
+/// rather than all of it (issue 12: after a power cut half-way through 160 MiB, 100 % was fetched
+/// again without it). 32 MiB: staging 1 GiB (P1) measured no slower than without (median ratio
+/// to curl + dgst + sync 0.655 in both, 6 runs each); every 8 MiB made it 1.75× slower, the sync
+/// then waiting for writeback that [`WRITEBACK_CHUNK`] had only just started.
+const PARTIAL_SYNC_CHUNK: u64 = 32 << 20;
 
 impl Ingest {
     /// Bytes held so far; the offset to resume from.
@@ -711,6 +734,12 @@ impl Ingest {
             );
             self.writeback_from = in_file;
         }
+        if in_file - self.synced_to >= PARTIAL_SYNC_CHUNK {
+            self.file.get_ref().sync_data().map_err(|e| {
+                StoreError::io("fsync", &self.path, e, || format!("sha256:{}", self.digest))
+            })?;
+            self.synced_to = in_file;
+        }
         Ok(())
     }
 
@@ -730,6 +759,7 @@ impl Ingest {
             .map_err(|e| StoreError::io("truncate", &self.path, e, String::new))?;
         self.written = 0;
         self.writeback_from = 0;
+        self.synced_to = 0;
         self.hasher = Sha256::new();
         Ok(())
     }

@@ -15,7 +15,8 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use vibstage_protocol::Envelope;
 use vibstage_protocol::api::{
-    ErrorDetail, ImageRef, Notification, Progress, Task, TaskKind, TaskState,
+    DepotList, DepotServed, ErrorDetail, ImageRef, Notification, Progress, Task, TaskKind,
+    TaskState,
 };
 
 use crate::fsutil::{self, Loaded};
@@ -29,8 +30,8 @@ const KEEP: usize = 100;
 pub struct TaskRequest {
     /// The signed image.
     pub image: Envelope,
-    /// The depot URL.
-    pub depot: String,
+    /// The depot URLs (one, or several tried in order; older task files hold one string).
+    pub depot: DepotList,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -127,6 +128,7 @@ impl Tasks {
             bytes_downloaded: 0,
             notifications: Vec::new(),
             step: None,
+            depots: Vec::new(),
         };
         let mut entries = self.lock();
         entries.insert(
@@ -238,5 +240,16 @@ fn snapshot_progress(e: &mut Entry) {
             bytes_total: p.total.load(Ordering::Relaxed),
         };
         e.task.bytes_downloaded = p.downloaded.load(Ordering::Relaxed);
+        if let Some(depots) = p.depots.get() {
+            e.task.depots = depots
+                .iter()
+                .map(|d| DepotServed {
+                    url: d.url.clone(),
+                    blobs: d.blobs.load(Ordering::Relaxed),
+                    bytes: d.bytes.load(Ordering::Relaxed),
+                    failures: d.failures.load(Ordering::Relaxed),
+                })
+                .collect();
+        }
     }
 }

@@ -19,6 +19,11 @@ pub struct AgentSetup {
     pub tcp: bool,
     /// `scratch.concurrency` (default: the product's default).
     pub concurrency: Option<usize>,
+    /// `depot.max_bytes_per_sec` (default: unlimited).
+    pub max_bytes_per_sec: Option<u64>,
+    /// Run it as the packaged unit does (`Nice=10`, best-effort I/O priority 7: see
+    /// `systemd/vibstaged.service`), through `nice` and `ionice`.
+    pub unit_priority: bool,
 }
 
 /// A `vibstaged` process (started or not).
@@ -39,6 +44,7 @@ pub struct Agent {
     /// Its stderr, appended across restarts.
     pub log: PathBuf,
     binary: PathBuf,
+    unit_priority: bool,
     child: Option<Child>,
 }
 
@@ -66,6 +72,10 @@ impl Agent {
         let concurrency = setup
             .concurrency
             .map(|c| format!("concurrency = {c}\n"))
+            .unwrap_or_default();
+        let rate = setup
+            .max_bytes_per_sec
+            .map(|r| format!("max_bytes_per_sec = {r}\n"))
             .unwrap_or_default();
         let (h, t, w) = (home.display(), env.tls_dir.display(), env.dir.display());
         let config = format!(
@@ -99,7 +109,7 @@ max_acceptance = "partner"
 
 [depot]
 ca = "{t}/ca.pem"
-"#
+{rate}"#
         );
         let path = home.join("agent.toml");
         std::fs::write(&path, config)
@@ -113,6 +123,7 @@ ca = "{t}/ca.pem"
             port,
             home,
             binary: env.bins.vibstaged.clone(),
+            unit_priority: setup.unit_priority,
             child: None,
         })
     }
@@ -141,7 +152,15 @@ ca = "{t}/ca.pem"
             .append(true)
             .open(&self.log)
             .map_err(BenchError::io(format!("open {}", self.log.display())))?;
-        let child = Command::new(&self.binary)
+        let mut cmd = if self.unit_priority {
+            let mut c = Command::new("nice");
+            c.args(["-n", "10", "ionice", "-c", "2", "-n", "7"])
+                .arg(&self.binary);
+            c
+        } else {
+            Command::new(&self.binary)
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .stdin(Stdio::null())

@@ -16,6 +16,7 @@
 //! | P4 recovery and scrub | [`p4`] |
 //! | P5 fan-out | [`p5`] |
 //! | P6 API | [`p6`] with the load generator [`loadgen`] |
+//! | P8 polite staging: workloads beside it, the rate limit | [`p8`] |
 //! | S1 a hostile signed envelope refused | [`s1`] |
 //!
 //! Quick mode ([`Sizes::quick`]) runs every figure with small sizes so that a test can run the
@@ -30,6 +31,7 @@ pub mod p3;
 pub mod p4;
 pub mod p5;
 pub mod p6;
+pub mod p8;
 pub mod report;
 pub mod s1;
 pub mod setup;
@@ -190,6 +192,8 @@ pub enum Figure {
     P5,
     /// Status requests per second and p99 over mTLS keep-alive.
     P6,
+    /// Workloads kept while staging; `depot.max_bytes_per_sec` held.
+    P8,
     /// A hostile envelope of thousands of signatures, refused.
     S1,
 }
@@ -246,6 +250,9 @@ pub fn run(
     }
     if figures.contains(&Figure::P6) {
         rows.extend(p6::run(&env, sizes, log)?);
+    }
+    if figures.contains(&Figure::P8) {
+        rows.extend(p8::run(&env, sizes, log)?);
     }
     if figures.contains(&Figure::S1) {
         rows.extend(s1::run(&env, sizes, log)?);

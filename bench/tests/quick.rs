@@ -31,6 +31,8 @@ fn bench_quick_runs_every_figure_and_prints_the_table() {
         ("P4", 2),
         ("P5", 1),
         ("P6", 2),
+        ("P8", 3),
+        ("S1", 2),
     ] {
         let found = stdout
             .lines()

@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use super::agent_config::Config;
+use super::vib::{Bundle, Limits, PrefixCheck, VibIdentity, read_vib, sniff::Verdict};
 
 use ed25519_dalek::SigningKey;
 use time::OffsetDateTime;
@@ -196,6 +197,86 @@ pub fn config(data: &[u8]) {
         }
         Err(e) => {
             assert!(e.to_string().contains("/fuzz/agent.toml"), "{e}");
+        }
+    }
+}
+
+/// Real VIBs and offline bundles (issue 14): the agent's `vib` reader. The first byte picks:
+/// - `0`: a `.vib` through `read_vib` — an accepted VIB's sha256 and size are those of the input,
+///   and every payload it declares was present;
+/// - `1`: an offline bundle through `Bundle::open`, then every VIB in it;
+/// - `2`: the agent's prefix check, fed all at once and byte by byte: both give the same verdict,
+///   and it agrees with `read_vib` about the identity of a VIB that reads.
+///
+/// Small limits keep each run fast: decompression bombs hit them rather than the fuzzer's
+/// memory limit.
+pub fn vib_reader(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let limits = Limits {
+        max_vib_bytes: 1 << 20,
+        max_expanded: 4 << 20,
+        max_metadata: 1 << 20,
+        max_entries: 256,
+        ..Limits::default()
+    };
+    match mode % 3 {
+        0 => {
+            if let Ok(vib) = read_vib(rest, &limits) {
+                assert_eq!(vib.sha256, Digest::of(rest));
+                assert_eq!(vib.size, rest.len() as u64);
+                assert!(vib.xml.payloads.iter().all(|p| {
+                    p.checksums
+                        .iter()
+                        .any(|c| c.algorithm == "sha-256" && c.verify_process.is_none())
+                }));
+            }
+        }
+        1 => {
+            if let Ok(mut bundle) = Bundle::open(std::io::Cursor::new(rest), &limits) {
+                for path in bundle.vib_paths.clone() {
+                    assert!(path.starts_with("vib20/") && !path.contains(".."));
+                    if let Ok(vib) = bundle.read_vib(&path) {
+                        let _ = bundle.component_of(&vib.xml.id());
+                    }
+                }
+            }
+        }
+        _ => {
+            let read = read_vib(rest, &limits).ok();
+            let expected = read.as_ref().map_or_else(
+                || VibIdentity {
+                    name: "x".into(),
+                    version: "1".into(),
+                    vendor: "v".into(),
+                    acceptance: AcceptanceLevel::Partner,
+                },
+                |v| VibIdentity::of(&v.xml),
+            );
+            let mut whole = PrefixCheck::new(expected.clone(), &limits);
+            let a = whole.feed(rest).and_then(|_| whole.finish());
+            let mut each = PrefixCheck::new(expected, &limits);
+            let mut b = Ok(Verdict::Pending);
+            for byte in rest.iter().take(1 << 16) {
+                b = each.feed(std::slice::from_ref(byte));
+                if b.is_err() {
+                    break;
+                }
+            }
+            if rest.len() <= 1 << 16 {
+                if b.is_ok() {
+                    b = each.finish();
+                }
+                assert_eq!(a.as_ref().ok(), b.as_ref().ok(), "verdicts differ");
+            }
+            if read.is_some() {
+                assert_eq!(
+                    a.ok(),
+                    Some(Verdict::Matches),
+                    "a VIB that reads must match itself"
+                );
+            }
         }
     }
 }

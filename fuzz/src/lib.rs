@@ -9,5 +9,10 @@
 #[allow(dead_code, missing_docs)]
 mod agent_config;
 mod entries;
+/// The agent's reader of real VIBs and bundles (`agent/src/vib/`), compiled in the same way:
+/// it depends only on the protocol crate and the format crates.
+#[path = "../../agent/src/vib/mod.rs"]
+#[allow(dead_code)]
+pub mod vib;
 
-pub use entries::{config, envelope, request_body};
+pub use entries::{config, envelope, request_body, vib_reader};

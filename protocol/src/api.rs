@@ -25,8 +25,66 @@ pub struct CheckRequest {
 pub struct StageRequest {
     /// The desired image.
     pub image: Envelope,
-    /// Base URL of the depot to fetch VIBs from.
-    pub depot: String,
+    /// Base URL of the depot to fetch VIBs from, or several tried in order for each blob.
+    pub depot: DepotList,
+}
+
+/// The depots of a request: one URL (`"depot": "URL"`) or several (`"depot": ["URL", ...]`),
+/// tried in order for each blob (SPEC §5). The agent accepts 1 to [`DepotList::MAX`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "a depot URL or a list of depot URLs")]
+pub enum DepotList {
+    /// One depot (the form every older client sends).
+    One(String),
+    /// Several, in the order they are tried.
+    Many(Vec<String>),
+}
+
+impl DepotList {
+    /// Most depots one request may name.
+    pub const MAX: usize = 8;
+
+    /// The URLs, in order.
+    pub fn urls(&self) -> &[String] {
+        match self {
+            DepotList::One(url) => std::slice::from_ref(url),
+            DepotList::Many(urls) => urls,
+        }
+    }
+}
+
+impl From<String> for DepotList {
+    fn from(url: String) -> Self {
+        DepotList::One(url)
+    }
+}
+
+impl From<&str> for DepotList {
+    fn from(url: &str) -> Self {
+        DepotList::One(url.to_owned())
+    }
+}
+
+impl From<Vec<String>> for DepotList {
+    fn from(urls: Vec<String>) -> Self {
+        match <[String; 1]>::try_from(urls) {
+            Ok([one]) => DepotList::One(one),
+            Err(urls) => DepotList::Many(urls),
+        }
+    }
+}
+
+/// What one depot served during a task (the URL without userinfo).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepotServed {
+    /// The depot's base URL, as it may be shown.
+    pub url: String,
+    /// Blobs whose download it completed.
+    pub blobs: u64,
+    /// Body bytes received from it (including attempts that failed).
+    pub bytes: u64,
+    /// Attempts on it that failed.
+    pub failures: u64,
 }
 
 /// The error body every non-2xx answer carries.
@@ -360,6 +418,9 @@ pub struct Task {
     /// The current step, in words.
     #[serde(default)]
     pub step: Option<String>,
+    /// Which depot served what, in the order the request named them (stage and remediate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depots: Vec<DepotServed>,
 }
 
 /// `POST /v1/stage` and `POST /v1/remediate` answers.

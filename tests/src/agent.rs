@@ -107,6 +107,8 @@ pub struct AgentOptions {
     pub readers: Vec<String>,
     /// `scratch.path` (default: inside the agent's directory).
     pub scratch: Option<PathBuf>,
+    /// `agent.state_dir` (default: inside the agent's directory).
+    pub state_dir: Option<PathBuf>,
     /// `scratch.volatile_path`: None = inside the agent's directory; Some("") = off.
     pub volatile: Option<String>,
     /// `scratch.reserve_bytes`.
@@ -296,6 +298,7 @@ impl World {
         std::fs::write(home.join("agent.key"), server.key_pem).expect("key");
         let port = free_port();
         let scratch = opts.scratch.clone().unwrap_or_else(|| home.join("scratch"));
+        let state_dir = opts.state_dir.clone().unwrap_or_else(|| home.join("state"));
         let volatile = opts
             .volatile
             .clone()
@@ -350,7 +353,7 @@ dpus = {dpus}
 firmware_staging_vendors = {vendors}
 {extra}
 "#,
-            state = home.join("state").display(),
+            state = state_dir.display(),
             scratch = scratch.display(),
             reserve = opts.reserve_bytes,
             concurrency = opts.concurrency.unwrap_or(4),
@@ -373,7 +376,7 @@ firmware_staging_vendors = {vendors}
             config: home.join("agent.toml"),
             socket: home.join("api.sock"),
             scratch,
-            state_dir: home.join("state"),
+            state_dir,
             log: home.join("agent.log"),
             port,
             home,

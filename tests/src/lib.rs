@@ -15,10 +15,14 @@ pub mod bin;
 pub mod depot;
 pub mod fake_agent;
 pub mod fault_case;
+pub mod lazyfs;
+pub mod nginx;
 pub mod pki;
+pub mod vibs;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};
 pub use bin::{bin, vibstagectl, vibstaged};
 pub use depot::{ANY_PATH, Depot, Fault, RequestLog};
 pub use fake_agent::{Answer, FakeAgent, Seen};
+pub use lazyfs::LazyFs;
 pub use pki::TestPki;

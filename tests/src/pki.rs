@@ -26,6 +26,8 @@ pub struct TestPki {
     server_cert: CertificateDer<'static>,
     /// The server certificate's private key, PKCS#8 DER.
     server_key: Vec<u8>,
+    /// The server certificate and key as PEM, for servers that read files (nginx).
+    server_pem: (String, String),
 }
 
 impl TestPki {
@@ -66,12 +68,22 @@ impl TestPki {
             ca_der: ca_cert.der().clone(),
             server_cert: server_cert.der().clone(),
             server_key: server_key.serialize_der(),
+            server_pem: (server_cert.pem(), server_key.serialize_pem()),
         }
     }
 
     /// Path of the written `ca.pem`.
     pub fn ca_pem_path(&self) -> &Path {
         &self.ca_pem_path
+    }
+
+    /// Writes the server certificate (names `localhost`, `127.0.0.1`, `::1`) and its key as
+    /// PEM files `server.pem` and `server.key` in `dir`; returns their paths.
+    pub fn write_server_pem(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+        std::fs::write(&cert, &self.server_pem.0).expect("write server.pem");
+        std::fs::write(&key, &self.server_pem.1).expect("write server.key");
+        (cert, key)
     }
 
     /// The CA certificate, PEM encoded.

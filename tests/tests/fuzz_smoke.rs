@@ -18,11 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vibstage::config as agent_config;
+use vibstage::vib;
 
 #[path = "../../fuzz/src/entries.rs"]
 mod entries;
 
-const TARGETS: [&str; 3] = ["envelope", "request_body", "config"];
+const TARGETS: [&str; 4] = ["envelope", "request_body", "config", "vib_reader"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -40,6 +41,7 @@ fn run_entry(target: &str, data: &[u8]) {
         "envelope" => entries::envelope(data),
         "request_body" => entries::request_body(data),
         "config" => entries::config(data),
+        "vib_reader" => entries::vib_reader(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -188,6 +190,32 @@ command = []
     ];
     for (name, text) in configs {
         out.push(("config", name.into(), text.into_bytes()));
+    }
+
+    // Real VIBs and bundles from the tests' builder, valid and broken (issue 14).
+    use vibstage_e2e::vibs::{BundleBuild, ComponentBuild, VibBuild};
+    let vib = VibBuild::new("acme", "esx-base", "8.0.2-0.20", 3000);
+    let bytes = vib.build();
+    let mut tampered = bytes.clone();
+    let at = tampered.len() - 20;
+    tampered[at] ^= 1;
+    let bundle = BundleBuild {
+        vendor: "acme".into(),
+        components: vec![ComponentBuild {
+            name: "ESXi".into(),
+            version: "8.0.2-0.20".into(),
+            vibs: vec![vib.clone()],
+        }],
+        ..BundleBuild::default()
+    }
+    .build();
+    for (mode, name, data) in [
+        (0u8, "vib-valid", &bytes),
+        (0, "vib-tampered-payload", &tampered),
+        (1, "bundle-valid", &bundle),
+        (2, "prefix-valid", &bytes),
+    ] {
+        out.push(("vib_reader", name.into(), [&[mode][..], data].concat()));
     }
     out
 }

@@ -47,6 +47,8 @@ pub struct Args {
 pub enum DepotCommand {
     /// Copy VIB files into the depot by digest and write their signed descriptors.
     Add(AddArgs),
+    /// Import real ESXi content (.vib files, offline bundles) after checking every payload.
+    Import(super::import::ImportArgs),
 }
 
 /// `--kind` values.
@@ -396,6 +398,11 @@ pub fn add_with(
 /// Runs `depot`.
 pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     match args.command {
+        DepotCommand::Import(a) => {
+            let key = load_signing_key(&a.key)?;
+            let imported = super::import::import(&a.depot, &key, a.max_acceptance, &a.files)?;
+            super::import::report(&imported, ctx.json, out)
+        }
         DepotCommand::Add(a) => {
             let key = load_signing_key(&a.key)?;
             let spec = VibSpec {

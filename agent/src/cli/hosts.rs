@@ -62,9 +62,10 @@ pub struct StageArgs {
     /// The signed image (e.g. `depot/images/NAME.json`).
     #[arg(long, value_name = "FILE")]
     pub image: PathBuf,
-    /// Base URL of the depot the agents fetch from (http:// or https://).
-    #[arg(long, value_name = "URL", value_parser = parse_depot_url)]
-    pub depot: String,
+    /// Base URL of a depot the agents fetch from (http:// or https://); repeat it (at most 8)
+    /// for depots tried in order for each blob (a site cache, a mirror, the origin).
+    #[arg(long, value_name = "URL", required = true, value_parser = parse_depot_url)]
+    pub depot: Vec<String>,
     /// Wait for the task to end and report its result (required by `remediate` with several
     /// hosts, which finishes each host before it starts the next).
     #[arg(long)]
@@ -500,7 +501,14 @@ pub fn lifecycle(
         ));
     }
     let max_bytes = image_bytes(&image);
-    let depot = Arc::new(args.depot);
+    if args.depot.len() > vibstage_protocol::api::DepotList::MAX {
+        return Err(CliError::Usage(format!(
+            "at most {} --depot URLs may be given; {} were",
+            vibstage_protocol::api::DepotList::MAX,
+            args.depot.len()
+        )));
+    }
+    let depot = Arc::new(vibstage_protocol::api::DepotList::from(args.depot));
     let path = if remediate {
         "/v1/remediate"
     } else {
@@ -734,6 +742,7 @@ mod tests {
             bytes_downloaded: 0,
             notifications: vec![],
             step: None,
+            depots: vec![],
         };
         let o = task_outcome(&task);
         assert!(o.failed);

@@ -121,12 +121,25 @@ pub struct CreateArgs {
     /// Expiry time, RFC 3339 [default: 30 days from now].
     #[arg(long, value_name = "T", value_parser = parse_rfc3339)]
     pub expires: Option<OffsetDateTime>,
-    /// Base image version.
-    #[arg(long, value_name = "V")]
-    pub base_image: String,
-    /// A component and its version, C=V; repeatable.
-    #[arg(long = "component", value_name = "C=V", required = true)]
+    /// Base image version [default with --from-bundle: the bundle's base image].
+    #[arg(long, value_name = "V", required_unless_present = "from_bundle")]
+    pub base_image: Option<String>,
+    /// A component and its version, C=V; repeatable (added to, or overriding, what
+    /// --from-bundle gives).
+    #[arg(
+        long = "component",
+        value_name = "C=V",
+        required_unless_present = "from_bundle"
+    )]
     pub components: Vec<ComponentRef>,
+    /// Take the base image and components from an offline bundle's metadata (its base image
+    /// and add-ons; without a base image, its bulletins' components). Import it first with
+    /// `depot import`.
+    #[arg(long, value_name = "BUNDLE.zip")]
+    pub from_bundle: Option<PathBuf>,
+    /// With --from-bundle: only this add-on of the bundle (repeatable) [default: all].
+    #[arg(long = "addon", value_name = "NAME", requires = "from_bundle")]
+    pub addons: Vec<String>,
     /// Public key (SPKI PEM) that must have signed every descriptor the image carries;
     /// repeatable. Without it the descriptors are not verified (a warning says so).
     #[arg(long = "vib-key", value_name = "PUB")]
@@ -607,12 +620,35 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
             let default_expiry = (now + Duration::days(DEFAULT_LIFETIME_DAYS))
                 .replace_nanosecond(0)
                 .unwrap_or(now + Duration::days(DEFAULT_LIFETIME_DAYS));
+            let (mut base_image, mut components) = (a.base_image, Vec::new());
+            if let Some(bundle) = &a.from_bundle {
+                let (base, parts) = super::import::image_parts(bundle, &a.addons)?;
+                base_image = base_image.or(base);
+                for (name, version) in parts {
+                    components.push(
+                        format!("{name}={version}")
+                            .parse::<ComponentRef>()
+                            .map_err(|e| CliError::Usage(format!("{}: {e}", bundle.display())))?,
+                    );
+                }
+            }
+            for c in a.components {
+                match components.iter_mut().find(|o| o.name == c.name) {
+                    Some(o) => *o = c,
+                    None => components.push(c),
+                }
+            }
+            let base_image = base_image.ok_or_else(|| {
+                CliError::Usage(
+                    "the bundle carries no base image; give its version with --base-image".into(),
+                )
+            })?;
             let spec = ImageSpec {
                 name: a.name,
                 serial: a.serial,
                 expires: a.expires.unwrap_or(default_expiry),
-                base_image: Version(a.base_image),
-                components: a.components,
+                base_image: Version(base_image),
+                components,
             };
             let vib_keys = a
                 .vib_keys

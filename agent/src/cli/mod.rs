@@ -19,6 +19,7 @@ pub mod escape;
 mod fanout;
 pub mod hosts;
 pub mod image;
+pub mod import;
 pub mod keygen;
 
 use std::ffi::OsString;

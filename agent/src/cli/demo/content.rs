@@ -1,5 +1,6 @@
-//! The signed content of the demo: generated VIB files in a depot (host software, DPU
-//! software, firmware of the vendor the demo host lists), and the image that names them.
+//! The signed content of the demo: an offline bundle of real-format VIBs imported into a depot
+//! (host software, DPU software, firmware of the vendor the demo host lists), and the image
+//! that names them.
 
 use std::fs;
 use std::path::Path;
@@ -7,69 +8,85 @@ use std::path::Path;
 use indicatif::HumanBytes;
 use time::OffsetDateTime;
 use vibstage_protocol::version::Version;
-use vibstage_protocol::{AcceptanceLevel, Envelope, VibKind, VibTarget};
+use vibstage_protocol::{AcceptanceLevel, Envelope};
 
 use super::{BIOS, Demo, ESXI, Failure, IMAGE, at, cli_failure, name};
 use crate::cli::CliError;
-use crate::cli::depot::VibSpec;
 use crate::cli::image::{ComponentRef, CreatedImage, ImageSpec};
 
+/// The tests' builder of real-format VIBs and offline bundles (`tests/src/vibs.rs`), compiled
+/// in so the demo shows the real thing: `ar` archives with `descriptor.xml` and gzipped payloads,
+/// in a zip with `index.xml`, `vendor-index.xml` and `metadata.zip`.
+#[path = "../../../../tests/src/vibs.rs"]
+#[allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+mod builder;
+
 impl Demo<'_> {
-    /// Generates the VIB files and adds them to the depot; returns the story line.
+    /// Builds an offline bundle of real-format VIBs and imports it into the depot with
+    /// `depot import`; returns the story line.
     pub(super) fn make_depot(&self, depot: &Path, vendor_key: &Path) -> Result<String, Failure> {
         let step = "depot";
         let key = crate::cli::load_signing_key(vendor_key).map_err(cli_failure(step))?;
         let source = self.path(&["vib-files"]);
         crate::cli::ensure_dir(&source, 0o755).map_err(cli_failure(step))?;
-        let spec =
-            |component: (&str, &str), vendor: &str, kind, target| -> Result<VibSpec, Failure> {
-                Ok(VibSpec {
-                    component: name(step, component.0)?,
-                    component_version: Version(component.1.to_owned()),
-                    vendor: vendor.to_owned(),
-                    acceptance: AcceptanceLevel::Partner,
-                    kind,
-                    target,
-                    version: None,
-                    maintenance_mode: true,
-                    reboot_required: true,
-                })
-            };
-        let groups = [
-            (
-                spec(ESXI, "acme", VibKind::Software, VibTarget::Host)?,
-                vec![("esx-base", 2 << 20), ("esx-ui", 512 << 10)],
-            ),
-            (
-                spec(ESXI, "acme", VibKind::Software, VibTarget::Dpu)?,
-                vec![("esxio-base", 768 << 10)],
-            ),
-            (
-                spec((BIOS.0, BIOS.1), BIOS.2, VibKind::Firmware, VibTarget::Host)?,
-                vec![("bios", 256 << 10)],
-            ),
-        ];
-        let mut total = 0u64;
-        let mut count = 0;
-        for (spec, files) in &groups {
-            let mut paths = Vec::new();
-            for (vib, size) in files {
-                let path = source.join(format!("{vib}.vib"));
-                let mut bytes = vec![0u8; *size];
-                getrandom::fill(&mut bytes).map_err(at(step))?;
-                fs::write(&path, &bytes)
-                    .map_err(|e| CliError::io("write", &path, e))
-                    .map_err(cli_failure(step))?;
-                total += *size as u64;
-                count += 1;
-                paths.push(path);
-            }
-            crate::cli::depot::add(depot, &key, spec, None, &paths).map_err(cli_failure(step))?;
-        }
+        let vib = |vendor: &str, name: &str, version: &str, size: usize| {
+            builder::VibBuild::new(vendor, name, version, size)
+        };
+        let mut esxio = vib("acme", "esxio-base", ESXI.1, 768 << 10);
+        esxio.platforms = vec!["esxio".into()];
+        let mut bios = vib(BIOS.2, "bios", BIOS.1, 256 << 10);
+        bios.tags = vec!["firmware".into()];
+        let bundle = builder::BundleBuild {
+            vendor: "acme".into(),
+            components: vec![
+                builder::ComponentBuild {
+                    name: ESXI.0.into(),
+                    version: ESXI.1.into(),
+                    vibs: vec![
+                        vib("acme", "esx-base", ESXI.1, 2 << 20),
+                        vib("acme", "esx-ui", ESXI.1, 512 << 10),
+                        esxio,
+                    ],
+                },
+                builder::ComponentBuild {
+                    name: BIOS.0.into(),
+                    version: BIOS.1.into(),
+                    vibs: vec![bios],
+                },
+            ],
+            base_image: Some(builder::ReleaseBuild {
+                name: ESXI.0.into(),
+                version: ESXI.1.into(),
+                vendor: "acme".into(),
+                components: vec![(ESXI.0.into(), ESXI.1.into())],
+            }),
+            addons: vec![builder::ReleaseBuild {
+                name: format!("{}-addon", BIOS.2),
+                version: BIOS.1.into(),
+                vendor: BIOS.2.into(),
+                components: vec![(BIOS.0.into(), BIOS.1.into())],
+            }],
+        };
+        let path = source.join("acme-offline-bundle.zip");
+        let bytes = bundle.build();
+        fs::write(&path, &bytes)
+            .map_err(|e| CliError::io("write", &path, e))
+            .map_err(cli_failure(step))?;
+        let imported = crate::cli::import::import(
+            depot,
+            &key,
+            AcceptanceLevel::Partner,
+            std::slice::from_ref(&path),
+        )
+        .map_err(cli_failure(step))?;
+        let total: u64 = imported.iter().map(|v| v.descriptor.size).sum();
         Ok(format!(
-            "{count} generated VIBs ({}) signed by the vendor key in depot/: esx-base, esx-ui \
-             ({ESXI0}), esxio-base ({ESXI0} for DPUs), bios ({BIOS0} firmware by {BIOS2})",
+            "an offline bundle {} ({}) of {} real-format VIBs imported into depot/ with \
+             `depot import`, every payload checked, descriptors signed by the vendor key: \
+             esx-base, esx-ui ({ESXI0}), esxio-base ({ESXI0} for DPUs), bios ({BIOS0} firmware by {BIOS2})",
+            self.rel(&path),
             HumanBytes(total),
+            imported.len(),
             ESXI0 = ESXI.0,
             BIOS0 = BIOS.0,
             BIOS2 = BIOS.2,
