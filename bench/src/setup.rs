@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use time::OffsetDateTime;
-use vibstage::cli::depot::VibSpec;
-use vibstage::cli::image::{ComponentRef, ImageSpec};
-use vibstage::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::cli::depot::VibSpec;
+use vibstage_ctl::cli::image::{ComponentRef, ImageSpec};
+use vibstage_ctl::pki::{DevCa, Validity, issue_client, issue_server};
 use vibstage_protocol::{AcceptanceLevel, Digest, Version, VibKind, VibTarget};
 
 use crate::agent::{Agent, AgentSetup};
@@ -51,7 +51,7 @@ impl Bins {
                 Ok(p)
             } else {
                 Err(BenchError::Setup(format!(
-                    "{} not found: build it first (`cargo build --release -p vibstage --bins`, \
+                    "{} not found: build it first (`cargo build --release -p vibstage -p vibstage-ctl --bins`, \
                      or without --release for a debug bench), or pass --bin-dir",
                     p.display()
                 )))
@@ -259,7 +259,7 @@ impl Env {
         for i in 0..count {
             let file = src.join(format!("{name}-{i}.vib"));
             write_random(&file, &format!("{name}/{i}"), size)?;
-            let added = vibstage::cli::depot::add(
+            let added = vibstage_ctl::cli::depot::add(
                 &self.depot_dir,
                 &self.vendor_key,
                 &spec,
@@ -274,7 +274,7 @@ impl Env {
             vibs.push((a.blob.clone(), a.descriptor.sha256, a.descriptor.size));
         }
         let now = OffsetDateTime::now_utc();
-        let created = vibstage::cli::image::create(
+        let created = vibstage_ctl::cli::image::create(
             &self.depot_dir,
             &self.image_key,
             &ImageSpec {

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
 use time::OffsetDateTime;
-use vibstage::cli::depot::VibSpec;
-use vibstage::cli::image::{ComponentRef, ImageSpec};
-use vibstage::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::cli::depot::VibSpec;
+use vibstage_ctl::cli::image::{ComponentRef, ImageSpec};
+use vibstage_ctl::pki::{DevCa, Validity, issue_client, issue_server};
 use vibstage_protocol::{AcceptanceLevel, Envelope, VibKind, VibTarget};
 
 use crate::{Depot, TestPki};
@@ -209,7 +209,7 @@ impl World {
                     maintenance_mode: true,
                     reboot_required: true,
                 };
-                let added = vibstage::cli::depot::add(
+                let added = vibstage_ctl::cli::depot::add(
                     &self.depot_dir,
                     &self.vendor_key,
                     &spec,
@@ -251,7 +251,7 @@ impl World {
                 .map(|c| c.parse::<ComponentRef>().expect("component"))
                 .collect(),
         };
-        let created = vibstage::cli::image::create(
+        let created = vibstage_ctl::cli::image::create(
             &self.depot_dir,
             &self.image_key,
             &spec,

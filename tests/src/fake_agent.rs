@@ -21,7 +21,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use vibstage::pki::{DevCa, issue_server, load_certs, load_private_key};
+use vibstage_ctl::pki::{DevCa, issue_server, load_certs, load_private_key};
 
 /// One request the fake received.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser as _;
-use vibstage::cli::{Cli, run};
+use vibstage_ctl::cli::{Cli, run};
 use vibstage_e2e::vibs::{BundleBuild, ComponentBuild, ReleaseBuild, VibBuild};
 use vibstage_e2e::{AgentOptions, World};
 use vibstage_protocol::dsse::signing_key_to_pem;

@@ -1,6 +1,6 @@
 //! `vibstagectl`: the controller, depot-owner and local-admin tool of SPEC §3, as library code.
 //!
-//! The binary is `fn main() -> ExitCode { vibstage::cli::main() }`. Everything else lives here:
+//! The binary is `fn main() -> ExitCode { vibstage_ctl::cli::main() }`. Everything else lives here:
 //! [`Cli`] is the clap grammar (global target flags plus one [`Command`] variant per subcommand),
 //! [`run`] dispatches to one file per subcommand, and [`CliError::exit_code`] is the single place
 //! where failures become the SPEC's exit codes (0 ok, 1 operation failed or cut off by

@@ -3,7 +3,7 @@
 //! Each argument is a `.vib` (an ar archive) or an offline bundle (a zip), told apart by their
 //! first bytes. The import runs in two phases so that a refusal writes nothing at all:
 //!
-//! 1. Check: every VIB is streamed once through [`crate::vib::read_vib`] (ar container,
+//! 1. Check: every VIB is streamed once through [`vibstage::vib::read_vib`] (ar container,
 //!    `descriptor.xml`, every payload checksum), bundles are checked against their metadata,
 //!    and every vibstage descriptor is derived and validated — name, version, vendor and
 //!    acceptance from the VIB, component from the bundle's bulletins (a lone `.vib` is its own
@@ -32,7 +32,7 @@ use vibstage_protocol::{
 
 use super::depot::{DIR_MODE, FILE_MODE};
 use super::{CliError, Existing, ensure_dir, io_message, sync_dir, write_file};
-use crate::vib::{Bundle, Limits, Vib, VibError, read_vib};
+use vibstage::vib::{Bundle, Limits, Vib, VibError, read_vib};
 
 /// Arguments of `depot import`.
 #[derive(Debug, clap::Args)]
@@ -245,7 +245,7 @@ pub fn import(
             .map_err(|e| CliError::config("VIB or bundle", path, io_message(&e)))?;
         drop(file);
         let shown = path.display().to_string();
-        if head[..n] == *crate::vib::ar::MAGIC {
+        if head[..n] == *vibstage::vib::ar::MAGIC {
             let vib = read_vib(io::BufReader::new(open(path)?), &limits)
                 .map_err(|e| refused(&shown, &e))?;
             let descriptor = derive(&shown, &vib, None, &[], max_acceptance)?;
@@ -294,7 +294,7 @@ pub fn import(
     let mut copies = Vec::new();
     for p in &planned {
         let dest = vibs.join(p.descriptor.sha256.to_hex());
-        let present = crate::store::hash_file(&dest).is_ok_and(|d| d == p.descriptor.sha256);
+        let present = vibstage::store::hash_file(&dest).is_ok_and(|d| d == p.descriptor.sha256);
         if present || copies.iter().any(|(d, _)| *d == dest) {
             continue;
         }

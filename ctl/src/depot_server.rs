@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tower_http::services::ServeDir;
 
-use crate::tls::{TlsError, load_certs, load_key, provider};
+use vibstage::tls::{TlsError, load_certs, load_key, provider};
 
 /// Time allowed for a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
