@@ -12,7 +12,7 @@ use vibstage_protocol::{AcceptanceLevel, KeyRole, TrustStore, TrustedKey};
 
 use crate::agent::Agent;
 use crate::api::{self, Access, ApiState};
-use crate::config::{Config, ConfigError, RoleName};
+use crate::config::{self, Config, ConfigError, RoleName};
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::fsutil;
 use crate::metrics::Metrics;
@@ -78,7 +78,7 @@ fn tls_config(config: &Config, path: &Path) -> Result<Arc<rustls::ServerConfig>,
 
 /// Validates a configuration the way start-up would, without starting (`--check-config`).
 pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
-    let config = Config::load(path)?;
+    let config = config::load(path)?;
     load_trust(&config, path)?;
     if !config.listen.tcp.is_empty() {
         tls_config(&config, path)?;
@@ -378,7 +378,7 @@ fn build_fetcher(config: &Config, metrics: &Metrics) -> Result<Fetcher, DaemonEr
 /// and the old setting kept; keys that changed but only take effect at start are named in a
 /// warning, so the log never claims more than was applied (issue 17, item 6).
 fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsConfig>) {
-    let config = match Config::load(path) {
+    let config = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload failed; keeping the running configuration");

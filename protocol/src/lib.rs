@@ -6,6 +6,7 @@
 //! [`Name`], …) so that code further in never sees an unchecked string.
 
 pub mod api;
+pub mod config;
 pub mod dsse;
 pub mod error;
 pub mod keys;

@@ -227,8 +227,7 @@ command = ["sh", "-c", "echo install >> {log} && mount --bind {state} {state} &&
 "#,
         log = log.display(),
     );
-    let config = std::fs::read_to_string(&agent.config).expect("config") + &extra;
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&extra);
     agent.start();
     let done = remediate(&agent, &image, &world.depot.url());
     let unmount = Command::new("umount")

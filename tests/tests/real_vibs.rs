@@ -388,8 +388,7 @@ fn install_command_gets_real_vib_file_names() {
         "\n[install]\ncommand = [\"sh\", \"-c\", \"for v; do echo $(basename $v) $(head -c 8 $v | tr -d '\\\\n'); done >> {}\", \"install\"]\n",
         log.display()
     );
-    let config = std::fs::read_to_string(&agent.config).expect("config") + &hook;
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&hook);
     let mut agent = agent;
     agent.start();
     let r = agent.request(
