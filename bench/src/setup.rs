@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use time::OffsetDateTime;
-use vibstage_ctl::cli::depot::VibSpec;
-use vibstage_ctl::cli::image::{ComponentRef, ImageSpec};
 use vibstage_ctl::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::publish::depot::VibSpec;
+use vibstage_ctl::publish::image::{ComponentRef, ImageSpec};
 use vibstage_protocol::{AcceptanceLevel, Digest, Version, VibKind, VibTarget};
 
 use crate::agent::{Agent, AgentSetup};
@@ -259,7 +259,7 @@ impl Env {
         for i in 0..count {
             let file = src.join(format!("{name}-{i}.vib"));
             write_random(&file, &format!("{name}/{i}"), size)?;
-            let added = vibstage_ctl::cli::depot::add(
+            let added = vibstage_ctl::publish::depot::add(
                 &self.depot_dir,
                 &self.vendor_key,
                 &spec,
@@ -274,7 +274,7 @@ impl Env {
             vibs.push((a.blob.clone(), a.descriptor.sha256, a.descriptor.size));
         }
         let now = OffsetDateTime::now_utc();
-        let created = vibstage_ctl::cli::image::create(
+        let created = vibstage_ctl::publish::image::create(
             &self.depot_dir,
             &self.image_key,
             &ImageSpec {

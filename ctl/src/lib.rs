@@ -9,4 +9,7 @@
 pub mod cli;
 pub mod client;
 pub mod depot_server;
+pub mod error;
+pub mod files;
 pub mod pki;
+pub mod publish;

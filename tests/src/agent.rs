@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
 use time::OffsetDateTime;
-use vibstage_ctl::cli::depot::VibSpec;
-use vibstage_ctl::cli::image::{ComponentRef, ImageSpec};
 use vibstage_ctl::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::publish::depot::VibSpec;
+use vibstage_ctl::publish::image::{ComponentRef, ImageSpec};
 use vibstage_protocol::config::Config;
 use vibstage_protocol::{AcceptanceLevel, Envelope, VibKind, VibTarget};
 
@@ -210,7 +210,7 @@ impl World {
                     maintenance_mode: true,
                     reboot_required: true,
                 };
-                let added = vibstage_ctl::cli::depot::add(
+                let added = vibstage_ctl::publish::depot::add(
                     &self.depot_dir,
                     &self.vendor_key,
                     &spec,
@@ -252,7 +252,7 @@ impl World {
                 .map(|c| c.parse::<ComponentRef>().expect("component"))
                 .collect(),
         };
-        let created = vibstage_ctl::cli::image::create(
+        let created = vibstage_ctl::publish::image::create(
             &self.depot_dir,
             &self.image_key,
             &spec,

@@ -265,7 +265,7 @@ fn check_socket(socket: &std::path::Path) -> Result<(), CliError> {
 fn read_image(path: &PathBuf) -> Result<Envelope, CliError> {
     let bytes =
         std::fs::read(path).map_err(|e| CliError::config("image", path, super::io_message(&e)))?;
-    super::image::parse_image_file(path, &bytes).map_err(CliError::Usage)
+    crate::publish::image::parse_image_file(path, &bytes).map_err(CliError::Usage)
 }
 
 /// The sum of the VIB sizes an image names: no honest host needs more bytes for it, so a larger
