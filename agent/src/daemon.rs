@@ -10,7 +10,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use vibstage_protocol::dsse::verifying_key_from_pem;
 use vibstage_protocol::{AcceptanceLevel, KeyRole, TrustStore, TrustedKey};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Parts};
 use crate::api::{self, Access, ApiState};
 use crate::config::{self, Config, ConfigError, RoleName};
 use crate::fetch::{FetchConfig, Fetcher};
@@ -262,15 +262,16 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
         operators: config.tls.operators.clone(),
         readers: config.tls.readers.clone(),
     }));
-    let agent = Agent::new(
-        host_id(&config),
-        config.clone(),
+    let agent = Agent::new(Parts {
+        host_id: host_id(&config),
+        config: config.clone(),
         trust,
         stager,
         state,
         tasks,
         metrics,
-    );
+        describe: api::detail_of,
+    });
     let app = api::router(ApiState {
         agent: agent.clone(),
         access: access.clone(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
-use vibstage_protocol::{Digest, ErrorCode};
+use vibstage_protocol::Digest;
 
 use crate::rate::RateLimiter;
 use crate::store::{Committed, Ingest, Store, StoreError};
@@ -47,12 +47,10 @@ pub enum FetchError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Every depot of a request failed for one blob; the detail names each with its failure.
-    #[error("every depot failed: {detail}")]
+    #[error("every depot failed: {}", .failures.iter().map(|(url, e)| format!("[{url}] {e}")).collect::<Vec<_>>().join("; "))]
     EveryDepot {
-        /// The code they agree on, else `depot_unreachable`.
-        code: ErrorCode,
-        /// Each depot, and its last failure.
-        detail: String,
+        /// Each depot tried (without userinfo), and its last failure.
+        failures: Vec<(String, FetchError)>,
     },
     /// The blob is a real VIB whose own `descriptor.xml` does not name the VIB its signed
     /// descriptor names (issue 14): `checksum_mismatch`, since the bytes do not match their
@@ -67,33 +65,12 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// The API error code of this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            FetchError::BadDepot { .. } => ErrorCode::BadRequest,
-            FetchError::Unreachable { .. } => ErrorCode::DepotUnreachable,
-            FetchError::Store(e) => store_code(e),
-            FetchError::NotTheVib { .. } => ErrorCode::ChecksumMismatch,
-            FetchError::EveryDepot { code, .. } => *code,
-        }
-    }
-
     fn retriable(&self) -> bool {
         match self {
             FetchError::Unreachable { retriable, .. } => *retriable,
             FetchError::Store(StoreError::Checksum { .. }) | FetchError::NotTheVib { .. } => true,
             _ => false,
         }
-    }
-}
-
-/// The API error code of a store failure.
-pub fn store_code(e: &StoreError) -> ErrorCode {
-    match e {
-        StoreError::Checksum { .. } => ErrorCode::ChecksumMismatch,
-        StoreError::Size { .. } => ErrorCode::SizeMismatch,
-        StoreError::NoSpace { .. } => ErrorCode::InsufficientSpace,
-        _ => ErrorCode::Internal,
     }
 }
 
@@ -383,25 +360,12 @@ impl Fetcher {
         {
             return e;
         }
-        let tried: Vec<(String, ErrorCode, String)> = depots
-            .iter()
-            .zip(&last)
-            .filter_map(|(depot, e)| {
-                e.as_ref()
-                    .map(|e| (redact(depot).to_string(), e.code(), e.to_string()))
-            })
-            .collect();
-        let code = match tried.first() {
-            Some((_, first, _)) if tried.iter().all(|(_, c, _)| c == first) => *first,
-            _ => ErrorCode::DepotUnreachable,
-        };
         FetchError::EveryDepot {
-            code,
-            detail: tried
-                .into_iter()
-                .map(|(url, _, why)| format!("[{url}] {why}"))
-                .collect::<Vec<_>>()
-                .join("; "),
+            failures: depots
+                .iter()
+                .zip(last)
+                .filter_map(|(depot, e)| e.map(|e| (redact(depot).to_string(), e)))
+                .collect(),
         }
     }
 

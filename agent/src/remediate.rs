@@ -16,15 +16,48 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vibstage_protocol::api::{ImageRef, Impact, Notification};
-use vibstage_protocol::{Digest, Envelope, ErrorCode, VerifiedImage, VibTarget};
+use vibstage_protocol::{Digest, Envelope, ImageDigest, VerifiedImage, VibTarget};
 
-use crate::agent::{Agent, AgentError, lock};
+use crate::agent::{Agent, LifecycleError, lock};
 use crate::fsutil;
 use crate::stage::{StageProgress, parts_of};
 use crate::state::InstalledImage;
 
-fn failed(code: ErrorCode, message: impl Into<String>) -> AgentError {
-    AgentError::new(code, message)
+/// Why a remediation step failed (staging and the store have their own errors). Each message
+/// names the step and, for a command, the program and what it did.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemediateError {
+    /// The staged image's record was gone right after staging it.
+    #[error("staged image record vanished")]
+    RecordVanished {
+        /// The image.
+        image: ImageDigest,
+    },
+    /// Staging ended without everything the image needs, so maintenance mode was not entered.
+    #[error("not everything could be staged, so maintenance mode was not entered: {why}")]
+    Incomplete {
+        /// The staging notifications, joined.
+        why: String,
+    },
+    /// `maintenance.enter` or `maintenance.exit` failed, could not run or timed out.
+    #[error("{0}")]
+    Maintenance(String),
+    /// The installer (command or built-in) failed.
+    #[error("{0}")]
+    Install(String),
+    /// The blocking installer task panicked or was cancelled.
+    #[error("installer task: {0}")]
+    InstallerTask(#[source] tokio::task::JoinError),
+    /// The image was installed but the state file could not record it.
+    #[error("image {image} was installed, but failed to save agent state: {source}")]
+    Record {
+        /// The installed image.
+        image: ImageDigest,
+        /// Why the save failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Runs a hook command with a time limit; the child is killed if the limit passes.
@@ -33,8 +66,7 @@ async fn run_command(
     argv: &[String],
     extra: &[PathBuf],
     timeout: Duration,
-    code: ErrorCode,
-) -> Result<(), AgentError> {
+) -> Result<(), String> {
     let Some((program, args)) = argv.split_first() else {
         return Ok(());
     };
@@ -45,19 +77,16 @@ async fn run_command(
         .stdin(std::process::Stdio::null());
     let mut child = cmd
         .spawn()
-        .map_err(|e| failed(code, format!("{what}: cannot run {program}: {e}")))?;
+        .map_err(|e| format!("{what}: cannot run {program}: {e}"))?;
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(failed(code, format!("{what}: {program} failed ({status})"))),
-        Ok(Err(e)) => Err(failed(code, format!("{what}: waiting for {program}: {e}"))),
+        Ok(Ok(status)) => Err(format!("{what}: {program} failed ({status})")),
+        Ok(Err(e)) => Err(format!("{what}: waiting for {program}: {e}")),
         Err(_) => {
             let _ = child.kill().await;
-            Err(failed(
-                code,
-                format!(
-                    "{what}: {program} did not finish within {}s",
-                    timeout.as_secs()
-                ),
+            Err(format!(
+                "{what}: {program} did not finish within {}s",
+                timeout.as_secs()
             ))
         }
     }
@@ -246,7 +275,7 @@ impl Agent {
         image: &VerifiedImage,
         depots: &[reqwest::Url],
         progress: &StageProgress,
-    ) -> Result<Vec<Notification>, AgentError> {
+    ) -> Result<Vec<Notification>, LifecycleError> {
         let step = |s: &str| {
             tracing::info!(task = task_id, step = s, "remediation");
             self.tasks.update(task_id, |t| t.step = Some(s.to_owned()));
@@ -285,7 +314,10 @@ impl Agent {
             .await?;
         let stores = self.stager.stores();
         let Some((store, _, record)) = stores.find(&image.digest)? else {
-            return Err(failed(ErrorCode::Internal, "staged image record vanished"));
+            return Err(RemediateError::RecordVanished {
+                image: image.digest,
+            }
+            .into());
         };
         let parts = parts_of(&record, store);
         if !parts.staged {
@@ -294,13 +326,10 @@ impl Agent {
                 .iter()
                 .map(|n| n.message.as_str())
                 .collect();
-            return Err(failed(
-                ErrorCode::DepotUnreachable,
-                format!(
-                    "not everything could be staged, so maintenance mode was not entered: {}",
-                    why.join("; ")
-                ),
-            ));
+            return Err(RemediateError::Incomplete {
+                why: why.join("; "),
+            }
+            .into());
         }
 
         // R7: maintenance mode only now that staging is complete (and only once: a host left in
@@ -326,11 +355,11 @@ impl Agent {
                 let mut state = lock(&self.state);
                 state.installed = Some(new.clone());
                 state.reboot_required = impact == Impact::Reboot;
-                self.save(&state).map_err(|e| {
-                    failed(
-                        ErrorCode::Internal,
-                        format!("image {} was installed, but {}", image.digest, e.0.message),
-                    )
+                self.state_file.save(&state).map_err(|source| {
+                    LifecycleError::from(RemediateError::Record {
+                        image: image.digest,
+                        source,
+                    })
                 })
             }
             Err(_) => Ok(()),
@@ -352,7 +381,7 @@ impl Agent {
     }
 
     /// Runs the `maintenance.enter` (or `exit`) command, then records the new mode.
-    async fn maintenance(&self, enter: bool) -> Result<(), AgentError> {
+    async fn maintenance(&self, enter: bool) -> Result<(), LifecycleError> {
         let m = &self.config.maintenance;
         let (what, argv) = if enter {
             ("maintenance.enter", &m.enter)
@@ -360,7 +389,9 @@ impl Agent {
             ("maintenance.exit", &m.exit)
         };
         let timeout = Duration::from_secs(m.timeout_secs);
-        run_command(what, argv, &[], timeout, ErrorCode::MaintenanceFailed).await?;
+        run_command(what, argv, &[], timeout)
+            .await
+            .map_err(RemediateError::Maintenance)?;
         let mut state = lock(&self.state);
         state.maintenance_active = enter;
         self.save(&state)
@@ -371,7 +402,7 @@ impl Agent {
         image: &VerifiedImage,
         record: &crate::store::ImageRecord,
         store: &crate::store::Store,
-    ) -> Result<InstalledImage, AgentError> {
+    ) -> Result<InstalledImage, RemediateError> {
         let has_dpus = self.host_policy().has_dpus;
         let installed = InstalledImage {
             image: ImageRef {
@@ -405,23 +436,21 @@ impl Agent {
             let state_dir = self.config.agent.state_dir.clone();
             let (links, paths) = tokio::task::spawn_blocking(move || real_names(&state_dir, blobs))
                 .await
-                .map_err(|e| failed(ErrorCode::Internal, format!("installer task: {e}")))?
+                .map_err(RemediateError::InstallerTask)?
                 .map_err(|e| {
-                    failed(
-                        ErrorCode::InstallFailed,
-                        format!("install.command: cannot name the staged VIBs: {e}"),
-                    )
+                    RemediateError::Install(format!(
+                        "install.command: cannot name the staged VIBs: {e}"
+                    ))
                 })?;
             let result = run_command(
                 "install.command",
                 &self.config.install.command,
                 &paths,
                 Duration::from_secs(self.config.maintenance.timeout_secs),
-                ErrorCode::InstallFailed,
             )
             .await;
             drop(links);
-            result?;
+            result.map_err(RemediateError::Install)?;
             return Ok(installed);
         }
         // The built-in installer's bank holds the whole image: VIBs that were staged come from
@@ -430,10 +459,9 @@ impl Agent {
         // checked against their digests before the switch.
         let state_dir = self.config.agent.state_dir.clone();
         let current = current_bank_files(&state_dir).map_err(|e| {
-            failed(
-                ErrorCode::InstallFailed,
-                format!("built-in installer: cannot read the installed bank: {e}"),
-            )
+            RemediateError::Install(format!(
+                "built-in installer: cannot read the installed bank: {e}"
+            ))
         })?;
         let mut files = Vec::new();
         for d in image
@@ -447,13 +475,10 @@ impl Agent {
             } else if let Some(path) = current.get(&d.sha256) {
                 path.clone()
             } else {
-                return Err(failed(
-                    ErrorCode::InstallFailed,
-                    format!(
-                        "built-in installer: VIB {} (sha256:{}) is neither staged nor in the installed bank",
-                        d.name, d.sha256
-                    ),
-                ));
+                return Err(RemediateError::Install(format!(
+                    "built-in installer: VIB {} (sha256:{}) is neither staged nor in the installed bank",
+                    d.name, d.sha256
+                )));
             };
             if files.iter().any(|f: &BankFile| f.sha256 == d.sha256) {
                 continue;
@@ -467,8 +492,8 @@ impl Agent {
         let manifest = installed.clone();
         tokio::task::spawn_blocking(move || install_bank(&state_dir, &manifest, &files))
             .await
-            .map_err(|e| failed(ErrorCode::Internal, format!("installer task: {e}")))?
-            .map_err(|e| failed(ErrorCode::InstallFailed, format!("built-in installer: {e}")))?;
+            .map_err(RemediateError::InstallerTask)?
+            .map_err(|e| RemediateError::Install(format!("built-in installer: {e}")))?;
         Ok(installed)
     }
 }

@@ -18,10 +18,10 @@ use vibstage_protocol::api::{
     DpuState, FirmwareState, ImageRef, Notification, SoftwareState, StagingState,
 };
 use vibstage_protocol::{
-    Digest, Envelope, ErrorCode, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
+    Digest, Envelope, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
 };
 
-use crate::fetch::{DepotCounter, FetchError, Fetcher, redact, store_code};
+use crate::fetch::{DepotCounter, FetchError, Fetcher, redact};
 use crate::store::{ImageRecord, StagedVib, Store, StoreError};
 use crate::vib::VibIdentity;
 
@@ -68,19 +68,6 @@ pub enum StageError {
         /// The blobs not there.
         missing: Vec<Digest>,
     },
-}
-
-impl StageError {
-    /// The API error code.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            StageError::NoSpace { .. } => ErrorCode::InsufficientSpace,
-            StageError::Fetch { source, .. } => source.code(),
-            StageError::Depot(source) => source.code(),
-            StageError::Store(e) => store_code(e),
-            StageError::Incomplete { .. } => ErrorCode::Internal,
-        }
-    }
 }
 
 /// The VIB a descriptor names, as a real VIB's own `descriptor.xml` must name it (issue 14).

@@ -84,7 +84,7 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
 /// of large signed bodies cannot take every core (issue 11, item 6).
 async fn off_worker<T: Send + 'static>(
     agent: &Agent,
-    f: impl FnOnce() -> Result<T, crate::agent::AgentError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, crate::agent::LifecycleError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let _slot = agent.verification_slots().acquire().await.map_err(|e| {
         ApiError::new(
