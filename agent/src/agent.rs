@@ -156,6 +156,15 @@ impl Agent {
         }
     }
 
+    /// Saves `next` and only then makes it the state: a request refused because its state
+    /// could not be saved changes nothing, not even in memory (issue 12: a refused check still
+    /// showed its image in status, and a refused stage still raised the rollback serial).
+    fn commit(&self, state: &mut State, next: State) -> Result<(), AgentError> {
+        self.save(&next)?;
+        *state = next;
+        Ok(())
+    }
+
     pub(crate) fn save(&self, state: &State) -> Result<(), AgentError> {
         self.state_file.save(state).map_err(|e| {
             AgentError::new(
@@ -207,8 +216,9 @@ impl Agent {
         let image = self.verify(env, false)?;
         let mut state = lock(&self.state);
         let report = self.evaluate(&image, &state);
-        state.compliance = Some(report.clone());
-        self.save(&state)?;
+        let mut next = state.clone();
+        next.compliance = Some(report.clone());
+        self.commit(&mut state, next)?;
         Ok(report)
     }
 
@@ -245,17 +255,18 @@ impl Agent {
         };
         {
             let mut state = lock(&self.state);
+            let mut next = state.clone();
             // R12: a compliance check first when compliance is unknown for this image; it is
             // re-evaluated in any case since staged content may have changed since.
-            let report = self.evaluate(&image, &state);
-            state.compliance = Some(report.clone());
+            let report = self.evaluate(&image, &next);
+            next.compliance = Some(report.clone());
             match report.status {
                 // A remediation cut short after installing this image, before leaving
                 // maintenance mode, still has work to do: it falls through and finishes.
                 ComplianceStatus::Compliant
-                    if !(kind == TaskKind::Remediate && state.maintenance_active) =>
+                    if !(kind == TaskKind::Remediate && next.maintenance_active) =>
                 {
-                    self.save(&state)?;
+                    self.commit(&mut state, next)?;
                     return Ok(Started::NothingToDo(vec![Notification {
                         code: "already_compliant".into(),
                         message: format!(
@@ -266,7 +277,7 @@ impl Agent {
                     }]));
                 }
                 ComplianceStatus::Incompatible => {
-                    self.save(&state)?;
+                    self.commit(&mut state, next)?;
                     let why = report
                         .notifications
                         .iter()
@@ -283,9 +294,9 @@ impl Agent {
                 }
                 _ => {}
             }
-            let serial = state.serials.entry(image.image.name.clone()).or_insert(0);
+            let serial = next.serials.entry(image.image.name.clone()).or_insert(0);
             *serial = (*serial).max(image.image.serial);
-            self.save(&state)?;
+            self.commit(&mut state, next)?;
         }
         let progress = Arc::new(StageProgress::default());
         let task = self.tasks.create(

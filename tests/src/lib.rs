@@ -14,6 +14,8 @@ pub mod agent;
 pub mod bin;
 pub mod depot;
 pub mod fault_case;
+pub mod invariants;
+pub mod model;
 pub mod pki;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};
