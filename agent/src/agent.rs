@@ -481,6 +481,18 @@ impl Agent {
                 notifications: Vec::new(),
             },
         };
+        // `staged` is a claim about what is on disk now, not when the report was made: content
+        // deleted since, or lost with the volatile path in a reboot, is no longer staged, and
+        // content staged since is (issue 12: status said `staged` after a DELETE).
+        let mut compliance = compliance;
+        if let Some(image) = &compliance.image {
+            let staged_now = self.fully_staged(&image.digest);
+            compliance.status = match compliance.status {
+                ComplianceStatus::Staged if !staged_now => ComplianceStatus::NonCompliant,
+                ComplianceStatus::NonCompliant if staged_now => ComplianceStatus::Staged,
+                other => other,
+            };
+        }
         // The image of interest: the one last checked, else the newest staged one.
         let digest = match compliance.image.as_ref() {
             Some(i) => Some(i.digest),
