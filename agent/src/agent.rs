@@ -484,15 +484,6 @@ impl Agent {
         // `staged` is a claim about what is on disk now, not when the report was made: content
         // deleted since, or lost with the volatile path in a reboot, is no longer staged, and
         // content staged since is (issue 12: status said `staged` after a DELETE).
-        let mut compliance = compliance;
-        if let Some(image) = &compliance.image {
-            let staged_now = self.fully_staged(&image.digest);
-            compliance.status = match compliance.status {
-                ComplianceStatus::Staged if !staged_now => ComplianceStatus::NonCompliant,
-                ComplianceStatus::NonCompliant if staged_now => ComplianceStatus::Staged,
-                other => other,
-            };
-        }
         // The image of interest: the one last checked, else the newest staged one.
         let digest = match compliance.image.as_ref() {
             Some(i) => Some(i.digest),
@@ -513,9 +504,13 @@ impl Agent {
             bytes: 0,
         };
         let mut notifications = compliance.notifications.clone();
+        // Whether the checked image is completely staged, from the same reading of its record
+        // as the staging part of this answer, so the two never disagree.
+        let mut staged_now = false;
         if let Some(digest) = digest {
             if let Some((store, persistent, record)) = stores.find(&digest)? {
                 let parts = parts_of(&record, store);
+                staged_now = parts.staged;
                 staging = StagingSummary {
                     state: parts.state,
                     staged: parts.staged,
@@ -539,6 +534,14 @@ impl Agent {
                 staging.state = StagingState::Failed;
                 staging.software = SoftwareState::Failed;
             }
+        }
+        let mut compliance = compliance;
+        if compliance.image.is_some() {
+            compliance.status = match compliance.status {
+                ComplianceStatus::Staged if !staged_now => ComplianceStatus::NonCompliant,
+                ComplianceStatus::NonCompliant if staged_now => ComplianceStatus::Staged,
+                other => other,
+            };
         }
         if compliance.status == ComplianceStatus::Compliant && staging.state == StagingState::None {
             // Nothing is needed, so everything needed is staged (R5, vacuously): a controller

@@ -309,6 +309,10 @@ pub struct Running {
     pub uncertain: bool,
 }
 
+/// Free bytes a full scratch keeps at every step (the test tops its filler up to this): room
+/// for records and the lock, not for any VIB.
+pub const SCRATCH_ROOM: u64 = 48 << 10;
+
 /// The model of one host.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -326,6 +330,9 @@ pub struct Model {
     pub staged: Option<Staged>,
     /// Blobs present, per store: [scratch, volatile].
     pub blobs: [BTreeSet<Vib>; 2],
+    /// Bytes of partial downloads per store, as observed before a request (they count as held
+    /// when staging decides where the image fits).
+    pub partials: [BTreeMap<Vib, u64>; 2],
     /// The image of the last compliance evaluation (persistent).
     pub checked: Option<Img>,
     /// The running task.
@@ -345,6 +352,7 @@ impl Model {
             maintenance: false,
             staged: None,
             blobs: [BTreeSet::new(), BTreeSet::new()],
+            partials: [BTreeMap::new(), BTreeMap::new()],
             checked: None,
             running: None,
             finished: BTreeMap::new(),
@@ -503,12 +511,27 @@ impl Model {
         let fetch: BTreeSet<Vib> = plan
             .iter()
             .copied()
-            .filter(|v| !v.firmware() || all_firmware || v.firmware_stageable())
+            .filter(|v| {
+                !v.firmware()
+                    || all_firmware
+                    || v.firmware_stageable()
+                    // Already fetched by a remediation: kept.
+                    || self.blobs.iter().any(|b| b.contains(v))
+            })
             .collect();
         let unsupported = plan.len() > fetch.len();
         // R9: scratch if it has room for what it lacks, else the volatile path.
-        let missing_in = |store: usize| fetch.iter().any(|v| !self.blobs[store].contains(v));
-        let store = if !self.env.scratch_full || !missing_in(0) {
+        let needed = |store: usize| -> u64 {
+            fetch
+                .iter()
+                .filter(|v| !self.blobs[store].contains(v))
+                .map(|v| {
+                    let held = self.partials[store].get(v).copied().unwrap_or(0);
+                    (v.size() as u64).saturating_sub(held)
+                })
+                .sum()
+        };
+        let store = if !self.env.scratch_full || needed(0) <= SCRATCH_ROOM {
             0
         } else if self.host.volatile {
             1

@@ -35,7 +35,8 @@ use proptest_state_machine::ReferenceStateMachine;
 use serde_json::{Value, json};
 use vibstage_e2e::invariants::{bank_digest, check_down};
 use vibstage_e2e::model::{
-    Answer, Compliance, Env, Firmware, Host, Img, Kind, Model, Outcome, Staged, Vib,
+    Answer, Compliance, Env, Firmware, Host, Img, Kind, Model, Outcome, SCRATCH_ROOM, Staged,
+    Vib,
 };
 use vibstage_e2e::{ANY_PATH, AgentOptions, AgentProc, Fault, VibFile, World};
 use vibstage_protocol::{Digest, Envelope};
@@ -312,6 +313,8 @@ struct Sut {
     volatile: PathBuf,
     ro_mount: bool,
     filler: PathBuf,
+    /// A compliance check of this image was answered while the running task ran.
+    checked_during_task: Option<Img>,
     step: usize,
 }
 
@@ -382,6 +385,7 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
             volatile,
             ro_mount: false,
             filler,
+            checked_during_task: None,
             step: 0,
         };
         sut.set_depot(DepotFaults::None);
@@ -442,24 +446,61 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
     }
 
     fn set_scratch_full(&mut self, full: bool) {
-        let _ = std::fs::remove_file(&self.filler);
-        if full {
-            let space = nix::sys::statvfs::statvfs(&self.u.scratchfs).expect("statvfs");
-            let free = space.blocks_available() as u64 * space.fragment_size() as u64;
-            // Room for records and the lock, not for any VIB.
-            let size = free.saturating_sub(48 << 10);
-            let file = std::fs::File::create(&self.filler).expect("filler");
-            let chunk = vec![0u8; 1 << 20];
-            let mut left = size;
-            let mut w = std::io::BufWriter::new(file);
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                std::io::Write::write_all(&mut w, &chunk[..n]).expect("fill");
-                left -= n as u64;
-            }
-            std::io::Write::flush(&mut w).expect("fill");
+        if !full {
+            let _ = std::fs::remove_file(&self.filler);
         }
         self.model.env.scratch_full = full;
+        self.top_up();
+    }
+
+    /// Keeps a full scratch at exactly [`SCRATCH_ROOM`] free bytes: content staged or collected
+    /// since would otherwise change how full it is.
+    fn top_up(&self) {
+        if !self.model.env.scratch_full {
+            return;
+        }
+        let space = nix::sys::statvfs::statvfs(&self.u.scratchfs).expect("statvfs");
+        let free = space.blocks_available() as u64 * space.fragment_size() as u64;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.filler)
+            .expect("filler");
+        let len = file.metadata().expect("filler").len();
+        if free < SCRATCH_ROOM {
+            file.set_len(len.saturating_sub(SCRATCH_ROOM - free))
+                .expect("shrink filler");
+            return;
+        }
+        let chunk = vec![0u8; 1 << 20];
+        let mut left = free - SCRATCH_ROOM;
+        let mut w = std::io::BufWriter::new(file);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            std::io::Write::write_all(&mut w, &chunk[..n]).expect("fill");
+            left -= n as u64;
+        }
+        std::io::Write::flush(&mut w).expect("fill");
+    }
+
+    /// Partial downloads per store, by VIB.
+    fn observe_partials(&mut self) {
+        for (i, store) in [self.agent.scratch.clone(), self.volatile.clone()]
+            .iter()
+            .enumerate()
+        {
+            self.model.partials[i] = std::fs::read_dir(store.join("ingest"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let hex = name.strip_suffix(".partial")?.to_owned();
+                    let vib = *self.u.by_hex.get(&hex)?;
+                    Some((vib, e.metadata().ok()?.len()))
+                })
+                .collect();
+        }
     }
 
     fn set_state_ro(&mut self, ro: bool) {
@@ -543,6 +584,18 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
         }
         let (id, outcome) = self.model.finish().expect("running");
         self.compliance_stale = false;
+        if let Some(checked) = self.checked_during_task.take() {
+            let status = self.agent.status();
+            if let Some(d) = status["compliance"]["image"]["digest"].as_str() {
+                let i = self.img_of(d);
+                assert!(
+                    i == checked || i == r.img,
+                    "compliance names {i:?}, neither the task's {:?} nor the check's {checked:?}",
+                    r.img
+                );
+                self.model.checked = Some(i);
+            }
+        }
         let want = match &outcome {
             Outcome::Succeeded => ("succeeded", None),
             Outcome::Failed(code) => ("failed", Some(*code)),
@@ -560,6 +613,7 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
     /// and takes it as the model's state.
     fn resync(&mut self, r: &vibstage_e2e::model::Running, task: &Value) {
         lock(&self.u.stats).resyncs += 1;
+        self.checked_during_task = None;
         let before = self.model.clone();
         self.model.running = None;
         let outcome = match task["state"].as_str() {
@@ -688,6 +742,9 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
             && self.model.running.as_ref().is_some_and(|r| {
                 reply.json["task"]["id"] == r.id.as_str() || reply.json["error"]["code"] == "busy"
             });
+        // A task that ended only now changed scratch after the step's top-up: where the new
+        // task stages on a full scratch is then one of two places.
+        let ended_now = !still && self.model.running.is_some();
         if !still {
             self.poll(true);
         }
@@ -703,6 +760,9 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
                     "a new task reuses id {id}"
                 );
                 self.model.started(id, kind, img);
+                if ended_now && self.model.env.scratch_full {
+                    self.mark_uncertain();
+                }
             }
             Answer::Joined => {
                 assert_eq!(reply.status, 202, "{kind:?} {img:?}: {}", reply.body);
@@ -769,6 +829,12 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
         }
         if expected.is_ok() {
             self.compliance_stale = running_uncertain;
+        }
+        // The running task's end also evaluates compliance, and the check may land before or
+        // after that evaluation: status then names either image (see `poll`).
+        if before.running.is_some() && expected.is_ok() {
+            self.checked_during_task = Some(img);
+            self.poll(false);
         }
     }
 
@@ -849,33 +915,48 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
         if let Some(p) = &prior {
             self.agent.wait_task(&p.id, 120);
         }
-        let fresh: Vec<&String> = ids
+        let mut fresh: Vec<(String, String)> = ids
             .iter()
             .filter(|id| prior.as_ref().is_none_or(|p| &p.id != *id))
+            .map(|id| {
+                let created = self.task(id)["created_at"].as_str().unwrap_or("").to_owned();
+                (created, id.clone())
+            })
             .collect();
+        fresh.sort();
         if let Some(p) = prior {
-            if fresh.is_empty() {
-                self.poll(true);
-                return;
+            if !fresh.is_empty() {
+                self.model.running = Some(vibstage_e2e::model::Running {
+                    uncertain: true,
+                    ..p
+                });
             }
-            self.model.running = Some(vibstage_e2e::model::Running {
-                uncertain: true,
-                ..p
-            });
             self.poll(true);
         }
-        for id in fresh {
-            let t = self.task(id);
+        for (_, id) in fresh {
+            let t = self.task(&id);
             let i = self.img_of(t["image"]["digest"].as_str().expect("digest"));
             let serial = self.model.serials.entry(i.name()).or_insert(0);
             *serial = (*serial).max(i.serial());
             self.model.running = Some(vibstage_e2e::model::Running {
-                id: id.clone(),
+                id,
                 kind,
                 img: i,
                 uncertain: true,
             });
             self.poll(true);
+        }
+        // The last evaluation is one of the requests' or the tasks': take it from status once
+        // it is one of them.
+        let status = self.agent.status();
+        if let Some(d) = status["compliance"]["image"]["digest"].as_str() {
+            let i = self.img_of(d);
+            assert!(
+                i == a || i == b || Some(i) == self.model.checked,
+                "compliance names {i:?} after requests for {a:?} and {b:?}"
+            );
+            self.model.checked = Some(i);
+            self.compliance_stale = true;
         }
     }
 
@@ -914,6 +995,10 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
             }
         }
         let switching_under_task = self.model.running.is_some();
+        if !switching_under_task {
+            self.top_up();
+            self.observe_partials();
+        }
         match op {
             Op::Check(i) => self.check(*i),
             Op::Stage(i, wait) => self.lifecycle(Kind::Stage, *i, *wait),
@@ -1087,7 +1172,11 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
                 .find(|s| s["image"]["digest"] == d)
                 .unwrap_or_else(|| panic!("staged: true for {img:?} with no record: {status}"));
             let rec = self.record(img, s["persistent"] == true);
-            assert!(rec.mark(), "staged: true but the firmware is {:?}", rec.firmware);
+            assert!(
+                rec.mark(),
+                "staged: true but the firmware is {:?}: {status}",
+                rec.firmware
+            );
         }
         if m.running.is_none() && !self.compliance_stale {
             let want = m.status_compliance();
@@ -1339,6 +1428,23 @@ fn issue12_status_is_not_staged_after_a_reboot_lost_the_volatile_content() {
             Op::Stage(Img::Lab, true),
             Op::Reboot,
             Op::Scratch(false),
+        ],
+    );
+}
+
+/// Found by the model: after a remediation had fetched firmware of a vendor the host cannot
+/// stage and then failed to install (compliance `staged`, R8), staging the same image again
+/// rewrote its record without that firmware: the staged mark and compliance `staged` were lost
+/// although every byte was still there (and a status read during that staging said `staged` in
+/// compliance and `staged: false` in staging).
+#[test]
+fn issue12_staging_again_after_a_failed_remediation_keeps_the_image_staged() {
+    run_sequence(
+        host(false, false, false),
+        &[
+            Op::Hooks(Hooks::InstallFails),
+            Op::Remediate(Img::Next, true),
+            Op::Stage(Img::Next, true),
         ],
     );
 }
