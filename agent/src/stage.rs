@@ -347,7 +347,10 @@ impl Stager {
         // the staged mark (issue 12).
         for (d, disposition) in &mut plan {
             if *disposition == Disposition::FirmwareUnsupported
-                && self.stores.all().any(|(s, _)| s.has_blob(&d.sha256, d.size))
+                && self
+                    .stores
+                    .all()
+                    .any(|(s, _)| s.has_blob(&d.sha256, d.size))
             {
                 *disposition = Disposition::Fetch;
             }

@@ -138,4 +138,3 @@ pub fn bank_digest(agent: &AgentProc) -> Option<String> {
     let m: Value = serde_json::from_slice(&bytes).expect("torn bank manifest");
     m["image"]["digest"].as_str().map(str::to_owned)
 }
-

@@ -380,7 +380,11 @@ impl Model {
         if self.env.trust_changed {
             return Some("untrusted_key");
         }
-        if self.serials.get(img.name()).is_some_and(|s| *s > img.serial()) {
+        if self
+            .serials
+            .get(img.name())
+            .is_some_and(|s| *s > img.serial())
+        {
             return Some("rollback_refused");
         }
         None
@@ -622,14 +626,13 @@ impl Model {
             }
             self.maintenance = true;
         }
-        let installed = if !self.host.builtin_installer
-            && (self.env.install_fails || self.env.install_hangs)
-        {
-            Err("install_failed")
-        } else {
-            self.installed = Some(img);
-            Ok(())
-        };
+        let installed =
+            if !self.host.builtin_installer && (self.env.install_fails || self.env.install_hangs) {
+                Err("install_failed")
+            } else {
+                self.installed = Some(img);
+                Ok(())
+            };
         if !self.env.exit_fails {
             self.maintenance = false;
         }
@@ -661,11 +664,10 @@ impl Model {
                 false
             }
             Some(r) if self.env.trust_changed => {
-                // The resumed staging verifies its image again, against the new keys.
-                let id = r.id.clone();
-                self.running = None;
-                self.finished.insert(id, Outcome::Failed("untrusted_key"));
-                true
+                // The resumed staging verifies its image again, against the new keys, and
+                // fails, keeping the blobs committed before the stop; unless it had ended before.
+                r.uncertain = true;
+                false
             }
             _ => true,
         }
