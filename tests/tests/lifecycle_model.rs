@@ -16,6 +16,12 @@
 //! while a task runs, two clients racing), the model is resynced from the observation once it is
 //! shown to be one of the allowed states.
 //!
+//! The generator is `proptest-state-machine`'s `ReferenceStateMachine` (its sequential strategy
+//! generates and shrinks the sequences; its reference state only keeps what preconditions need);
+//! the runner is ours rather than `StateMachineTest`, because the model lives with the system
+//! under test, where it is resynced from observations, and regression tests replay a literal
+//! sequence through the same runner.
+//!
 //! Each case gets a fresh agent (new directories) in one shared world (depot, keys, images,
 //! tmpfs scratch), so a case costs about as much as its operations. A failing run prints the
 //! seed and the shrunk sequence; `VIBSTAGE_MODEL_SEED` replays it. Knobs:
@@ -490,12 +496,22 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
         let chunk = vec![0u8; 1 << 20];
         let mut left = free - SCRATCH_ROOM;
         let mut w = std::io::BufWriter::new(file);
+        // A download running at the same time may take the last bytes first: full is full.
+        let full = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => true,
+            other => {
+                other.expect("fill");
+                false
+            }
+        };
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
-            std::io::Write::write_all(&mut w, &chunk[..n]).expect("fill");
+            if full(std::io::Write::write_all(&mut w, &chunk[..n])) {
+                break;
+            }
             left -= n as u64;
         }
-        std::io::Write::flush(&mut w).expect("fill");
+        let _ = full(std::io::Write::flush(&mut w));
     }
 
     /// Partial downloads per store, by VIB.
