@@ -1332,7 +1332,12 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
                 "compliance says compliant with another image installed: {status}"
             );
         }
-        if status["staging"]["staged"] == true && status["staging"]["state"] != "none" {
+        // (Only with no task running: a remediation removes the record it installed between
+        // the two readings.)
+        if m.running.is_none()
+            && status["staging"]["staged"] == true
+            && status["staging"]["state"] != "none"
+        {
             let d = image.expect("an image of interest");
             let img = self.img_of(d);
             let s = list
