@@ -15,6 +15,8 @@ pub mod bin;
 pub mod depot;
 pub mod fake_agent;
 pub mod fault_case;
+pub mod invariants;
+pub mod model;
 pub mod lazyfs;
 pub mod nginx;
 pub mod pki;
