@@ -231,6 +231,15 @@ impl Agent {
         }
     }
 
+    /// Saves `next` and only then makes it the state: a request refused because its state
+    /// could not be saved changes nothing, not even in memory (issue 12: a refused check still
+    /// showed its image in status, and a refused stage still raised the rollback serial).
+    fn commit(&self, state: &mut State, next: State) -> Result<(), LifecycleError> {
+        self.save(&next)?;
+        *state = next;
+        Ok(())
+    }
+
     pub(crate) fn save(&self, state: &State) -> Result<(), LifecycleError> {
         self.state_file
             .save(state)
@@ -279,8 +288,9 @@ impl Agent {
         let image = self.verify(env, false)?;
         let mut state = lock(&self.state);
         let report = self.evaluate(&image, &state);
-        state.compliance = Some(report.clone());
-        self.save(&state)?;
+        let mut next = state.clone();
+        next.compliance = Some(report.clone());
+        self.commit(&mut state, next)?;
         Ok(report)
     }
 
@@ -313,17 +323,18 @@ impl Agent {
         };
         {
             let mut state = lock(&self.state);
+            let mut next = state.clone();
             // R12: a compliance check first when compliance is unknown for this image; it is
             // re-evaluated in any case since staged content may have changed since.
-            let report = self.evaluate(&image, &state);
-            state.compliance = Some(report.clone());
+            let report = self.evaluate(&image, &next);
+            next.compliance = Some(report.clone());
             match report.status {
                 // A remediation cut short after installing this image, before leaving
                 // maintenance mode, still has work to do: it falls through and finishes.
                 ComplianceStatus::Compliant
-                    if !(kind == TaskKind::Remediate && state.maintenance_active) =>
+                    if !(kind == TaskKind::Remediate && next.maintenance_active) =>
                 {
-                    self.save(&state)?;
+                    self.commit(&mut state, next)?;
                     return Ok(Started::NothingToDo(vec![Notification {
                         code: "already_compliant".into(),
                         message: format!(
@@ -334,7 +345,7 @@ impl Agent {
                     }]));
                 }
                 ComplianceStatus::Incompatible => {
-                    self.save(&state)?;
+                    self.commit(&mut state, next)?;
                     let why = report
                         .notifications
                         .iter()
@@ -348,9 +359,9 @@ impl Agent {
                 }
                 _ => {}
             }
-            let serial = state.serials.entry(image.image.name.clone()).or_insert(0);
+            let serial = next.serials.entry(image.image.name.clone()).or_insert(0);
             *serial = (*serial).max(image.image.serial);
-            self.save(&state)?;
+            self.commit(&mut state, next)?;
         }
         let progress = Arc::new(StageProgress::default());
         let task = self.tasks.create(
@@ -556,6 +567,9 @@ impl Agent {
                 notifications: Vec::new(),
             },
         };
+        // `staged` is a claim about what is on disk now, not when the report was made: content
+        // deleted since, or lost with the volatile path in a reboot, is no longer staged, and
+        // content staged since is (issue 12: status said `staged` after a DELETE).
         // The image of interest: the one last checked, else the newest staged one.
         let digest = match compliance.image.as_ref() {
             Some(i) => Some(i.digest),
@@ -576,9 +590,13 @@ impl Agent {
             bytes: 0,
         };
         let mut notifications = compliance.notifications.clone();
+        // Whether the checked image is completely staged, from the same reading of its record
+        // as the staging part of this answer, so the two never disagree.
+        let mut staged_now = false;
         if let Some(digest) = digest {
             if let Some((store, persistent, record)) = stores.find(&digest)? {
                 let parts = parts_of(&record, store);
+                staged_now = parts.staged;
                 staging = StagingSummary {
                     state: parts.state,
                     staged: parts.staged,
@@ -603,10 +621,15 @@ impl Agent {
                 staging.software = SoftwareState::Failed;
             }
         }
-        if compliance.status == ComplianceStatus::Staged && !staging.staged {
-            // R8's `staged` holds only while the content is there (a scrub or a deletion may
-            // have taken part of it): otherwise the host needs staging again.
-            compliance.status = ComplianceStatus::NonCompliant;
+        // R8's `staged` holds only while the content is there (a scrub, a deletion or a reboot
+        // that wiped the volatile path may have taken part of it), and content staged since the
+        // last check makes a non-compliant host `staged`: status says what is on disk now.
+        if compliance.image.is_some() {
+            compliance.status = match compliance.status {
+                ComplianceStatus::Staged if !staged_now => ComplianceStatus::NonCompliant,
+                ComplianceStatus::NonCompliant if staged_now => ComplianceStatus::Staged,
+                other => other,
+            };
         }
         if compliance.status == ComplianceStatus::Compliant && staging.state == StagingState::None {
             // Nothing is needed, so everything needed is staged (R5, vacuously): a controller

@@ -361,7 +361,20 @@ impl Stager {
         for (store, _) in self.stores.all() {
             store.ensure_layout()?;
         }
-        let plan = plan(image, installed, host);
+        let mut plan = plan(image, installed, host);
+        // Firmware of a vendor the host cannot stage that a remediation already fetched is
+        // staged: staging the image again keeps it rather than dropping it from the record and
+        // the staged mark (issue 12).
+        for (d, disposition) in &mut plan {
+            if *disposition == Disposition::FirmwareUnsupported
+                && self
+                    .stores
+                    .all()
+                    .any(|(s, _)| s.has_blob(&d.sha256, d.size))
+            {
+                *disposition = Disposition::Fetch;
+            }
+        }
         let mut wanted: BTreeMap<Digest, &VibDescriptor> = BTreeMap::new();
         for (d, disposition) in &plan {
             if *disposition == Disposition::Fetch {

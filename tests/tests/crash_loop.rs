@@ -30,11 +30,12 @@
 //! `VIBSTAGE_CRASH_ITERATIONS` sets the number of killed iterations (default 4, a few seconds;
 //! the long run is 200, see RELIABILITY.md).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vibstage_e2e::invariants::{bank_digest, check_down};
 use vibstage_e2e::{ANY_PATH, AgentOptions, AgentProc, Fault, VibFile, World};
 use vibstage_protocol::{Digest, Envelope};
 
@@ -134,131 +135,6 @@ fn phase(task: &Value) -> String {
         (Some(kind), Some(step)) => format!("{kind}: {step}"),
         (Some(kind), None) => kind.into(),
     }
-}
-
-/// The invariants that hold whenever the agent is down. Returns how many files were checked.
-fn check_down(agent: &AgentProc, world: &World) -> usize {
-    let mut checked = 0;
-    let blobs = agent.blobs();
-    for (name, ok) in &blobs {
-        assert!(ok, "blob {name} holds wrong bytes");
-        checked += 1;
-    }
-    for entry in std::fs::read_dir(agent.scratch.join("ingest"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(hex) = name.strip_suffix(".partial") else {
-            continue;
-        };
-        let part = std::fs::read(entry.path()).expect("partial");
-        if let Ok(full) = std::fs::read(world.depot_dir.join("vibs").join(hex)) {
-            assert!(
-                part.len() <= full.len() && part[..] == full[..part.len()],
-                "partial {hex} ({} bytes) is not a prefix of its VIB",
-                part.len()
-            );
-        }
-        checked += 1;
-    }
-    let held: BTreeMap<String, u64> = blobs
-        .iter()
-        .map(|(name, _)| {
-            let len = std::fs::metadata(agent.scratch.join("blobs/sha256").join(name))
-                .map_or(0, |m| m.len());
-            (name.clone(), len)
-        })
-        .collect();
-    for entry in std::fs::read_dir(agent.scratch.join("images"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        assert!(
-            !name.ends_with(".broken"),
-            "a record was quarantined: {name}"
-        );
-        if !name.ends_with(".json") {
-            continue;
-        }
-        let record: Value = serde_json::from_slice(&std::fs::read(&path).expect("record"))
-            .unwrap_or_else(|e| panic!("torn image record {}: {e}", path.display()));
-        for vib in record["vibs"].as_array().expect("vibs") {
-            let hex = vib["sha256"].as_str().expect("sha256");
-            assert_eq!(
-                held.get(hex).copied(),
-                vib["size"].as_u64(),
-                "staged image {name} claims blob {hex} it lacks"
-            );
-        }
-        checked += 1;
-    }
-    for file in ["state.json", "tasks.json"] {
-        let path = agent.state_dir.join(file);
-        if let Ok(bytes) = std::fs::read(&path) {
-            assert!(
-                serde_json::from_slice::<Value>(&bytes).is_ok(),
-                "torn {}",
-                path.display()
-            );
-            checked += 1;
-        }
-        assert!(
-            !agent.state_dir.join(format!("{file}.broken")).exists(),
-            "{file} was quarantined"
-        );
-    }
-    let bank = agent.state_dir.join("bootbank/current");
-    if let Ok(entries) = std::fs::read_dir(&bank) {
-        // The bank holds exactly the VIBs its manifest lists, no fewer (issue 11, item 2: an
-        // upgrade dropped the unchanged ones) and no more.
-        let manifest: Value = serde_json::from_slice(
-            &std::fs::read(bank.join("manifest.json")).expect("a bank without a manifest"),
-        )
-        .expect("torn bank manifest");
-        let listed: BTreeSet<String> = manifest["vibs"]
-            .as_array()
-            .expect("manifest vibs")
-            .iter()
-            .map(|v| v.as_str().expect("digest").to_owned())
-            .collect();
-        let mut present = BTreeSet::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name
-                .strip_suffix(".vib")
-                .and_then(|n| n.rsplit_once('-'))
-                .map(|(_, h)| h.to_owned())
-            else {
-                continue;
-            };
-            let bytes = std::fs::read(entry.path()).expect("bank file");
-            assert_eq!(
-                Digest::of(&bytes).to_hex(),
-                hex,
-                "installed file {name} holds wrong bytes"
-            );
-            present.insert(hex);
-            checked += 1;
-        }
-        assert_eq!(
-            present, listed,
-            "the bank's files are not what its manifest lists"
-        );
-    }
-    checked
-}
-
-/// The installed image's digest according to the installer's bank, if any.
-fn bank_digest(agent: &AgentProc) -> Option<String> {
-    let manifest = agent.state_dir.join("bootbank/current/manifest.json");
-    let bytes = std::fs::read(manifest).ok()?;
-    let m: Value = serde_json::from_slice(&bytes).expect("torn bank manifest");
-    m["image"]["digest"].as_str().map(str::to_owned)
 }
 
 /// The invariants right after a restart.
