@@ -213,7 +213,7 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
         tracing::error!("{w}");
     }
     // The built-in installer's bank is the truth about what is installed.
-    match crate::remediate::read_current_bank(&config.agent.state_dir) {
+    match crate::install::read_current_bank(&config.agent.state_dir) {
         Ok(Some(bank)) if state.installed.as_ref() != Some(&bank) => {
             tracing::warn!(image = %bank.image.digest, "installed image taken from bootbank/current");
             state.installed = Some(bank);

@@ -13,6 +13,8 @@ pub mod daemon;
 pub mod daemon_args;
 pub mod fetch;
 pub mod fsutil;
+pub mod hook;
+pub mod install;
 pub mod metrics;
 pub mod rate;
 pub mod remediate;

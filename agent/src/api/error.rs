@@ -11,6 +11,7 @@ use vibstage_protocol::api::{ErrorBody, ErrorDetail};
 
 use crate::agent::LifecycleError;
 use crate::fetch::FetchError;
+use crate::install::InstallError;
 use crate::remediate::RemediateError;
 use crate::stage::StageError;
 use crate::store::StoreError;
@@ -105,9 +106,9 @@ pub fn detail_of(e: &LifecycleError) -> ErrorDetail {
             // everything is reported as the depot's failure.
             RemediateError::Incomplete { .. } => ErrorCode::DepotUnreachable,
             RemediateError::Maintenance(_) => ErrorCode::MaintenanceFailed,
-            RemediateError::Install(_) => ErrorCode::InstallFailed,
-            RemediateError::RecordVanished { .. }
-            | RemediateError::InstallerTask(_)
+            RemediateError::Install(InstallError::Failed(_)) => ErrorCode::InstallFailed,
+            RemediateError::Install(InstallError::Task(_))
+            | RemediateError::RecordVanished { .. }
             | RemediateError::Record { .. } => ErrorCode::Internal,
         },
         LifecycleError::Busy { .. } | LifecycleError::BusyStaging { .. } => ErrorCode::Busy,
