@@ -21,7 +21,7 @@ use crate::compliance;
 use crate::config::Config;
 use crate::fetch::FetchError;
 use crate::metrics::Metrics;
-use crate::remediate::RemediateError;
+use crate::remediate::{Before, RemediateError, Remediation};
 use crate::stage::{HostPolicy, StageError, StageProgress, Stager, parts_of};
 use crate::state::{State, StateFile};
 use crate::store::StoreError;
@@ -121,16 +121,16 @@ pub(crate) struct Running {
 /// The agent.
 #[derive(Debug)]
 pub struct Agent {
-    pub(crate) host_id: String,
-    pub(crate) config: Config,
-    pub(crate) trust: RwLock<Arc<TrustStore>>,
-    pub(crate) stager: Stager,
-    pub(crate) state: Mutex<State>,
-    pub(crate) state_file: StateFile,
-    pub(crate) tasks: Tasks,
-    pub(crate) metrics: Metrics,
-    pub(crate) running: Mutex<Option<Running>>,
-    pub(crate) jobs: Mutex<tokio::task::JoinSet<()>>,
+    host_id: String,
+    config: Config,
+    trust: RwLock<Arc<TrustStore>>,
+    stager: Stager,
+    state: Mutex<State>,
+    state_file: StateFile,
+    tasks: Tasks,
+    metrics: Metrics,
+    running: Mutex<Option<Running>>,
+    jobs: Mutex<tokio::task::JoinSet<()>>,
     /// Bounds how many requests verify signatures at once (one per core): verification is the
     /// one expensive thing an authenticated client can make the agent do per request.
     verification_slots: tokio::sync::Semaphore,
@@ -195,6 +195,11 @@ impl Agent {
         })
     }
 
+    /// The configuration it was started with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The task list.
     pub fn tasks(&self) -> &Tasks {
         &self.tasks
@@ -224,7 +229,7 @@ impl Agent {
         self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn host_policy(&self) -> HostPolicy {
+    fn host_policy(&self) -> HostPolicy {
         HostPolicy {
             has_dpus: !self.config.host.dpus.is_empty(),
             firmware_vendors: self.config.host.firmware_staging_vendors.clone(),
@@ -240,7 +245,7 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) fn save(&self, state: &State) -> Result<(), LifecycleError> {
+    fn save(&self, state: &State) -> Result<(), LifecycleError> {
         self.state_file
             .save(state)
             .map_err(LifecycleError::SaveState)
@@ -273,7 +278,7 @@ impl Agent {
         matches!(self.stager.stores().find(digest), Ok(Some((store, _, record))) if parts_of(&record, store).staged)
     }
 
-    pub(crate) fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
+    fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
         compliance::evaluate(
             image,
             state.installed.as_ref(),
@@ -411,7 +416,33 @@ impl Agent {
         let agent = self.clone();
         lock(&self.jobs).spawn(async move {
             let result = if kind == TaskKind::Remediate {
-                agent.run_remediation(&task_id, &env, &image, &depots, &progress).await
+                let before = {
+                    let state = lock(&agent.state);
+                    Before {
+                        finishing: state.maintenance_active
+                            && state
+                                .installed
+                                .as_ref()
+                                .is_some_and(|i| i.image.digest == image.digest),
+                        installed_vibs: state.installed_vibs(),
+                        impact: agent.evaluate(&image, &state).impact,
+                    }
+                };
+                let step = |s: &str| {
+                    tracing::info!(task = %task_id, step = s, "remediation");
+                    agent.tasks.update(&task_id, |t| t.step = Some(s.to_owned()));
+                };
+                Remediation {
+                    config: &agent.config,
+                    stager: &agent.stager,
+                    state: &agent.state,
+                    state_file: &agent.state_file,
+                    policy: agent.host_policy(),
+                    step: &step,
+                }
+                .run(&env, &image, &depots, &progress, before)
+                .await
+                .map_err(LifecycleError::from)
             } else {
                 let installed = lock(&agent.state).installed_vibs();
                 agent

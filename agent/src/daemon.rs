@@ -412,7 +412,7 @@ fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsC
         }
         Err(e) => tracing::error!(error = %e, "depot settings not reloaded; keeping the old ones"),
     }
-    let restart = agent.config.restart_needed(&config, tls.is_some());
+    let restart = agent.config().restart_needed(&config, tls.is_some());
     if !restart.is_empty() {
         tracing::warn!(
             keys = %restart.join(", "),

@@ -7,23 +7,36 @@
 //! the exit command. Installing is [`crate::install`]'s (the command, or the built-in installer
 //! whose bank switch is atomic); the commands around it are [`crate::hook`]'s.
 
+use std::collections::BTreeSet;
 use std::io;
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use vibstage_protocol::api::{Impact, Notification};
-use vibstage_protocol::{Envelope, ImageDigest, VerifiedImage};
+use vibstage_protocol::{Digest, Envelope, ImageDigest, VerifiedImage};
 
-use crate::agent::{Agent, LifecycleError, lock};
+use crate::agent::lock;
+use crate::config::Config;
 use crate::hook;
 use crate::install::{self, InstallError};
-use crate::stage::{StageProgress, parts_of};
+use crate::stage::{HostPolicy, StageError, StageProgress, Stager, parts_of};
+use crate::state::{State, StateFile};
+use crate::store::StoreError;
 
 /// Why a remediation step failed (staging and the store have their own errors). Each message
 /// names the step and, for a command, the program and what it did.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RemediateError {
+    /// Staging what was missing failed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The store failed (finding the staged record, removing it after the install).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The state file could not record the maintenance mode.
+    #[error("failed to save agent state: {0}")]
+    SaveState(#[source] io::Error),
     /// The staged image's record was gone right after staging it.
     #[error("staged image record vanished")]
     RecordVanished {
@@ -53,44 +66,63 @@ pub enum RemediateError {
     },
 }
 
-impl Agent {
-    /// The remediation task's body.
-    pub(crate) async fn run_remediation(
-        self: &Arc<Self>,
-        task_id: &str,
+/// One remediation of one image: what it works with, borrowed from the agent for the task's
+/// length. The agent builds it (after reading what its state says) and runs it in the task.
+pub struct Remediation<'a> {
+    /// `[maintenance]` and `[install]` settings, `agent.state_dir` for the built-in installer.
+    pub config: &'a Config,
+    /// Stages what is missing, and through its stores finds and removes the staged image.
+    pub stager: &'a Stager,
+    /// The agent's state: maintenance mode and the installed image are recorded in it as soon
+    /// as they change, so that a restarted agent reports them truthfully.
+    pub state: &'a Mutex<State>,
+    /// Where `state` is persisted.
+    pub state_file: &'a StateFile,
+    /// What the host is; its firmware vendors are widened to the image's (R6).
+    pub policy: HostPolicy,
+    /// Called with each step's name as it starts (the task shows it).
+    pub step: &'a (dyn Fn(&str) + Send + Sync),
+}
+
+/// What the agent's state said when the remediation was asked for.
+#[derive(Debug)]
+pub struct Before {
+    /// An earlier remediation of this image installed it and was cut short before it left
+    /// maintenance mode: only its last steps remain.
+    pub finishing: bool,
+    /// The VIBs installed now (not staged again).
+    pub installed_vibs: BTreeSet<Digest>,
+    /// What installing the image implies (R8): a reboot is recorded as required.
+    pub impact: Impact,
+}
+
+impl Remediation<'_> {
+    /// Runs the remediation: stage what is missing, enter maintenance mode, install, exit
+    /// maintenance mode, remove the staged content. Returns the notifications to report.
+    pub async fn run(
+        &self,
         env: &Envelope,
         image: &VerifiedImage,
         depots: &[reqwest::Url],
         progress: &StageProgress,
-    ) -> Result<Vec<Notification>, LifecycleError> {
-        let step = |s: &str| {
-            tracing::info!(task = task_id, step = s, "remediation");
-            self.tasks.update(task_id, |t| t.step = Some(s.to_owned()));
-        };
-        // An earlier remediation installed this image and was cut short (the agent killed)
-        // before it left maintenance mode: only its last steps remain.
-        let finishing = {
-            let state = lock(&self.state);
-            state.maintenance_active
-                && state
-                    .installed
-                    .as_ref()
-                    .is_some_and(|i| i.image.digest == image.digest)
-        };
+        before: Before,
+    ) -> Result<Vec<Notification>, RemediateError> {
+        let step = self.step;
+        let Before {
+            finishing,
+            installed_vibs,
+            impact,
+        } = before;
         if finishing {
             step("exiting maintenance mode");
             self.maintenance(false).await?;
             self.stager.stores().remove(&image.digest)?;
             return Ok(Vec::new());
         }
-        let (installed_vibs, impact) = {
-            let state = lock(&self.state);
-            (state.installed_vibs(), self.evaluate(image, &state).impact)
-        };
 
         // R2, R10: stage whatever is missing; R6: now including firmware of any vendor.
         step("staging");
-        let mut policy = self.host_policy();
+        let mut policy = self.policy.clone();
         policy.firmware_vendors = image
             .vibs
             .iter()
@@ -103,8 +135,7 @@ impl Agent {
         let Some((store, _, record)) = stores.find(&image.digest)? else {
             return Err(RemediateError::RecordVanished {
                 image: image.digest,
-            }
-            .into());
+            });
         };
         let parts = parts_of(&record, store);
         if !parts.staged {
@@ -115,14 +146,13 @@ impl Agent {
                 .collect();
             return Err(RemediateError::Incomplete {
                 why: why.join("; "),
-            }
-            .into());
+            });
         }
 
         // R7: maintenance mode only now that staging is complete (and only once: a host left in
         // maintenance mode by an interrupted remediation is already there).
         step("entering maintenance mode");
-        if !lock(&self.state).maintenance_active
+        if !lock(self.state).maintenance_active
             && let Err(e) = self.maintenance(true).await
         {
             // Undo whatever part of the entry happened.
@@ -131,15 +161,8 @@ impl Agent {
         }
 
         step("installing");
-        let installed = install::install(
-            &self.config,
-            self.host_policy().has_dpus,
-            image,
-            &record,
-            store,
-        )
-        .await
-        .map_err(RemediateError::from);
+        let installed =
+            install::install(self.config, self.policy.has_dpus, image, &record, store).await;
         // Whatever happens from here on, maintenance mode is left through the exit command:
         // a failure to record the install must not keep the host out of service (issue 11,
         // item 3). The memory state says what the installer did; if the state file cannot be
@@ -147,15 +170,15 @@ impl Agent {
         // reads) already says the same.
         let recorded = match &installed {
             Ok(new) => {
-                let mut state = lock(&self.state);
+                let mut state = lock(self.state);
                 state.installed = Some(new.clone());
                 state.reboot_required = impact == Impact::Reboot;
-                self.state_file.save(&state).map_err(|source| {
-                    LifecycleError::from(RemediateError::Record {
+                self.state_file
+                    .save(&state)
+                    .map_err(|source| RemediateError::Record {
                         image: image.digest,
                         source,
                     })
-                })
             }
             Err(_) => Ok(()),
         };
@@ -176,7 +199,7 @@ impl Agent {
     }
 
     /// Runs the `maintenance.enter` (or `exit`) command, then records the new mode.
-    async fn maintenance(&self, enter: bool) -> Result<(), LifecycleError> {
+    async fn maintenance(&self, enter: bool) -> Result<(), RemediateError> {
         let m = &self.config.maintenance;
         let (what, argv) = if enter {
             ("maintenance.enter", &m.enter)
@@ -187,8 +210,10 @@ impl Agent {
         hook::run(what, argv, &[], timeout)
             .await
             .map_err(RemediateError::Maintenance)?;
-        let mut state = lock(&self.state);
+        let mut state = lock(self.state);
         state.maintenance_active = enter;
-        self.save(&state)
+        self.state_file
+            .save(&state)
+            .map_err(RemediateError::SaveState)
     }
 }

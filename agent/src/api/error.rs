@@ -90,24 +90,30 @@ pub fn detail_of(e: &LifecycleError) -> ErrorDetail {
             }
         }
     }
-    let code = match e {
-        LifecycleError::Verify(e) => e.code(),
-        LifecycleError::Stage(e) => match e {
+    fn stage(e: &StageError) -> ErrorCode {
+        match e {
             StageError::NoSpace { .. } => ErrorCode::InsufficientSpace,
             StageError::Fetch { source, .. } => fetch(source),
             StageError::Depot(source) => fetch(source),
             StageError::Store(e) => store(e),
             StageError::Incomplete { .. } => ErrorCode::Internal,
-        },
+        }
+    }
+    let code = match e {
+        LifecycleError::Verify(e) => e.code(),
+        LifecycleError::Stage(e) => stage(e),
         LifecycleError::Store(e) => store(e),
         LifecycleError::Fetch(e) => fetch(e),
         LifecycleError::Remediate(e) => match e {
+            RemediateError::Stage(e) => stage(e),
+            RemediateError::Store(e) => store(e),
             // SPEC behaviour since the first remediation: a stage that could not fetch
             // everything is reported as the depot's failure.
             RemediateError::Incomplete { .. } => ErrorCode::DepotUnreachable,
             RemediateError::Maintenance(_) => ErrorCode::MaintenanceFailed,
             RemediateError::Install(InstallError::Failed(_)) => ErrorCode::InstallFailed,
             RemediateError::Install(InstallError::Task(_))
+            | RemediateError::SaveState(_)
             | RemediateError::RecordVanished { .. }
             | RemediateError::Record { .. } => ErrorCode::Internal,
         },
