@@ -14,12 +14,11 @@ use vibstage_protocol::{
     Envelope, ImageDigest, TrustStore, VerifiedImage, VerifyError, verify_image,
 };
 
-use reqwest::Url;
 use vibstage_protocol::api::DepotList;
 
 use crate::compliance;
 use crate::config::Config;
-use crate::fetch::FetchError;
+use crate::fetch::{DepotUrl, FetchError};
 use crate::metrics::Metrics;
 use crate::remediate::{Before, RemediateError, Remediation};
 use crate::stage::{HostPolicy, StageError, StageProgress, Stager, parts_of};
@@ -383,13 +382,13 @@ impl Agent {
             digest: image.digest,
         });
         drop(running);
-        self.spawn_job(kind, task.id.clone(), env, image, urls, progress);
+        self.spawn_job(kind, task.id.clone(), image, urls, progress);
         Ok(Started::New(task))
     }
 
     /// The depots of a request, each parsed and checked (https unless `depot.allow_http`): one
     /// to [`DepotList::MAX`] of them.
-    fn depot_urls(&self, depots: &DepotList) -> Result<Vec<Url>, LifecycleError> {
+    fn depot_urls(&self, depots: &DepotList) -> Result<Vec<DepotUrl>, LifecycleError> {
         let urls = depots.urls();
         if urls.is_empty() || urls.len() > DepotList::MAX {
             return Err(LifecycleError::DepotCount { count: urls.len() });
@@ -408,9 +407,8 @@ impl Agent {
         self: &Arc<Self>,
         kind: TaskKind,
         task_id: String,
-        env: Envelope,
         image: VerifiedImage,
-        depots: Vec<Url>,
+        depots: Vec<DepotUrl>,
         progress: Arc<StageProgress>,
     ) {
         let agent = self.clone();
@@ -440,14 +438,14 @@ impl Agent {
                     policy: agent.host_policy(),
                     step: &step,
                 }
-                .run(&env, &image, &depots, &progress, before)
+                .run(&image, &depots, &progress, before)
                 .await
                 .map_err(LifecycleError::from)
             } else {
                 let installed = lock(&agent.state).installed_vibs();
                 agent
                     .stager
-                    .stage(&env, &image, &depots, &installed, &agent.host_policy(), &progress)
+                    .stage(&image, &depots, &installed, &agent.host_policy(), &progress)
                     .await
                     .map(|outcome| {
                         tracing::info!(image = %image.digest, downloaded = outcome.downloaded, location = %outcome.location.display(), "staged");
@@ -490,14 +488,14 @@ impl Agent {
             let verified = match (&request, resumable) {
                 (Some(req), true) => self.verify(&req.image, true).and_then(|v| {
                     // The depots are checked again: the configuration may have changed.
-                    Ok((req.clone(), v, self.depot_urls(&req.depot)?))
+                    Ok((v, self.depot_urls(&req.depot)?))
                 }),
                 _ => Err(LifecycleError::Interrupted {
                     step: task.step.as_deref().unwrap_or("starting").to_owned(),
                 }),
             };
             match verified {
-                Ok((req, image, urls)) => {
+                Ok((image, urls)) => {
                     tracing::info!(task = %task.id, image = %image.digest, "resuming interrupted staging");
                     let progress = Arc::new(StageProgress::default());
                     self.tasks.resume(&task.id, progress.clone());
@@ -505,7 +503,7 @@ impl Agent {
                         task_id: task.id.clone(),
                         digest: image.digest,
                     });
-                    self.spawn_job(TaskKind::Stage, task.id, req.image, image, urls, progress);
+                    self.spawn_job(TaskKind::Stage, task.id, image, urls, progress);
                 }
                 Err(e) => {
                     let e = (self.describe)(&e);

@@ -166,7 +166,7 @@ impl Fetcher {
     }
 
     /// Parses a depot base URL, adding the trailing `/` if missing and refusing http unless allowed.
-    pub fn depot_url(&self, depot: &str) -> Result<Url, FetchError> {
+    pub fn depot_url(&self, depot: &str) -> Result<DepotUrl, FetchError> {
         let bad = |reason: &str| FetchError::BadDepot {
             url: redact_str(depot).chars().take(200).collect(),
             reason: reason.to_owned(),
@@ -189,7 +189,7 @@ impl Fetcher {
             let path = format!("{}/", url.path());
             url.set_path(&path);
         }
-        Ok(url)
+        Ok(DepotUrl(url))
     }
 
     /// Fetches blob `digest` of `size` bytes from `<depot>/vibs/<hex>` into `store` and commits
@@ -207,7 +207,7 @@ impl Fetcher {
     #[allow(clippy::too_many_arguments)]
     pub async fn fetch_blob(
         &self,
-        depots: &[Url],
+        depots: &[DepotUrl],
         digest: Digest,
         size: u64,
         expect: Option<&VibIdentity>,
@@ -347,7 +347,7 @@ impl Fetcher {
         &self,
         store: &Store,
         digest: Digest,
-        depots: &[Url],
+        depots: &[DepotUrl],
         mut last: Vec<Option<FetchError>>,
         current: usize,
     ) -> FetchError {
@@ -578,6 +578,20 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
 
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)).min(5_000))
+}
+
+/// A depot of a request, checked once when the request arrives ([`Fetcher::depot_url`]): https
+/// (plain http only with `depot.allow_http`), a base URL without query or fragment, its path
+/// ending in `/`. Only the fetcher makes one, so code that holds one need not check it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepotUrl(Url);
+
+impl std::ops::Deref for DepotUrl {
+    type Target = Url;
+
+    fn deref(&self) -> &Url {
+        &self.0
+    }
 }
 
 /// A URL as it may be shown (tasks, logs, metrics): without `user:password@` (SPEC §5).

@@ -13,10 +13,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use vibstage_protocol::api::{Impact, Notification};
-use vibstage_protocol::{Digest, Envelope, ImageDigest, VerifiedImage};
+use vibstage_protocol::{Digest, ImageDigest, VerifiedImage};
 
 use crate::agent::lock;
 use crate::config::Config;
+use crate::fetch::DepotUrl;
 use crate::hook;
 use crate::install::{self, InstallError};
 use crate::stage::{HostPolicy, StageError, StageProgress, Stager, parts_of};
@@ -101,9 +102,8 @@ impl Remediation<'_> {
     /// maintenance mode, remove the staged content. Returns the notifications to report.
     pub async fn run(
         &self,
-        env: &Envelope,
         image: &VerifiedImage,
-        depots: &[reqwest::Url],
+        depots: &[DepotUrl],
         progress: &StageProgress,
         before: Before,
     ) -> Result<Vec<Notification>, RemediateError> {
@@ -129,7 +129,7 @@ impl Remediation<'_> {
             .map(|v| v.descriptor.vendor.clone())
             .collect();
         self.stager
-            .stage(env, image, depots, &installed_vibs, &policy, progress)
+            .stage(image, depots, &installed_vibs, &policy, progress)
             .await?;
         let stores = self.stager.stores();
         let Some((store, _, record)) = stores.find(&image.digest)? else {

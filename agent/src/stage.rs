@@ -12,16 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt as _;
-use reqwest::Url;
 use time::OffsetDateTime;
 use vibstage_protocol::api::{
     DpuState, FirmwareState, ImageRef, Notification, SoftwareState, StagingState,
 };
-use vibstage_protocol::{
-    Digest, Envelope, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
-};
+use vibstage_protocol::{Digest, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget};
 
-use crate::fetch::{DepotCounter, FetchError, Fetcher, redact};
+use crate::fetch::{DepotCounter, DepotUrl, FetchError, Fetcher, redact};
 use crate::store::{ImageRecord, StagedVib, Store, StoreError};
 use crate::vib::VibIdentity;
 
@@ -341,9 +338,8 @@ impl Stager {
     /// after an interrupted run resumes it.
     pub async fn stage(
         &self,
-        envelope: &Envelope,
         image: &VerifiedImage,
-        depots: &[Url],
+        depots: &[DepotUrl],
         installed: &BTreeSet<Digest>,
         host: &HostPolicy,
         progress: &StageProgress,
@@ -530,7 +526,7 @@ impl Stager {
                 serial: image.image.serial,
                 digest: image.digest,
             },
-            envelope: envelope.clone(),
+            envelope: image.envelope.clone(),
             vibs,
             firmware,
             dpu,
