@@ -17,9 +17,10 @@ use crate::fetch::{FetchConfig, Fetcher};
 use crate::fsutil;
 use crate::metrics::Metrics;
 use crate::server::{self, Listener, TlsConfig};
-use crate::stage::{Stager, Stores};
+use crate::stage::Stager;
 use crate::state::StateFile;
 use crate::store::Store;
+use crate::store::Stores;
 use crate::tasks::Tasks;
 
 /// Partial downloads untouched for this long are removed at start.

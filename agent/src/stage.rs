@@ -19,7 +19,7 @@ use vibstage_protocol::api::{
 use vibstage_protocol::{Digest, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget};
 
 use crate::fetch::{DepotCounter, DepotUrl, FetchError, Fetcher, redact};
-use crate::store::{ImageRecord, StagedVib, Store, StoreError};
+use crate::store::{ImageRecord, StagedVib, Store, StoreError, Stores};
 use crate::vib::VibIdentity;
 
 /// Errors of a staging run.
@@ -135,46 +135,6 @@ pub struct StageProgress {
     pub downloaded: AtomicU64,
     /// What each depot of the request served, in the request's order (set when staging starts).
     pub depots: std::sync::OnceLock<Vec<DepotCounter>>,
-}
-
-/// The stores staging may use: scratch, and the volatile fallback if configured.
-#[derive(Debug)]
-pub struct Stores {
-    /// `scratch.path`: survives reboots.
-    pub persistent: Store,
-    /// `scratch.volatile_path`, if set.
-    pub volatile: Option<Store>,
-    /// Free space always left on a filesystem.
-    pub reserve_bytes: u64,
-}
-
-impl Stores {
-    /// Both stores, persistent first, with their persistence flag.
-    pub fn all(&self) -> impl Iterator<Item = (&Store, bool)> {
-        std::iter::once((&self.persistent, true)).chain(self.volatile.iter().map(|s| (s, false)))
-    }
-
-    /// The store holding an image's record, if any.
-    pub fn find(
-        &self,
-        digest: &ImageDigest,
-    ) -> Result<Option<(&Store, bool, ImageRecord)>, StoreError> {
-        for (store, persistent) in self.all() {
-            if let Some(r) = store.record(digest)? {
-                return Ok(Some((store, persistent, r)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Deletes an image's staged content wherever it is. Returns whether there was any.
-    pub fn remove(&self, digest: &ImageDigest) -> Result<bool, StoreError> {
-        let mut any = false;
-        for (store, _) in self.all() {
-            any |= store.remove_image(digest)?;
-        }
-        Ok(any)
-    }
 }
 
 /// The result of a successful staging run.
