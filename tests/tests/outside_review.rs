@@ -1,7 +1,7 @@
 //! Regression tests for the defects an outside review found in the agent (issue 11), each named
 //! after the failure it prevents and each failing on the code before its fix. The interop and
 //! denial-of-service items live beside the tests of their area (`packaging.rs`, `cli_tools.rs`,
-//! `hostile_clients.rs`, `api.rs`); RELIABILITY.md lists every one.
+//! `hostile_{tls,socket,http,content}.rs`, `api.rs`); RELIABILITY.md lists every one.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
