@@ -289,6 +289,7 @@ impl Env {
             },
             &[self.vendor_key.verifying_key()],
             now,
+            &mut |_| {},
         )
         .map_err(|e| BenchError::Setup(format!("image create {name}: {e}")))?;
         let text = std::fs::read_to_string(&created.path)

@@ -258,6 +258,7 @@ impl World {
             &spec,
             &[self.vendor_key.verifying_key()],
             OffsetDateTime::now_utc() - time::Duration::days(1),
+            &mut |_| {},
         )
         .expect("image create");
         let text = std::fs::read_to_string(created.path).expect("image file");

@@ -335,6 +335,7 @@ fn wrong_files_are_named_with_what_they_are() {
         &spec,
         &[world.vendor_key.verifying_key()],
         time::OffsetDateTime::now_utc() - time::Duration::days(1),
+        &mut |_| {},
     )
     .expect("create");
     let image = created.path.to_str().expect("utf8").to_owned();

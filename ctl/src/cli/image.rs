@@ -180,7 +180,9 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 .iter()
                 .map(|p| load_verifying_key(p))
                 .collect::<Result<Vec<_>, _>>()?;
-            let created = create(&a.depot, &key, &spec, &vib_keys, now)?;
+            let created = create(&a.depot, &key, &spec, &vib_keys, now, &mut |w| {
+                eprintln!("warning: {w}")
+            })?;
             if ctx.json {
                 return emit_json(
                     out,

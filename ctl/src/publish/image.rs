@@ -115,7 +115,7 @@ struct Found {
 }
 
 /// Reads every parseable descriptor envelope of a depot, warning about the rest.
-fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
+fn read_descriptors(dir: &Path, warn: &mut dyn FnMut(String)) -> Result<Vec<Found>, CliError> {
     let entries = fs::read_dir(dir)
         .map_err(|e| CliError::config("depot descriptors", dir, io_message(&e)))?;
     let mut found = Vec::new();
@@ -147,7 +147,7 @@ fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
                 envelope,
                 descriptor,
             }),
-            Err(why) => eprintln!("warning: skipping {}: {why}", path.display()),
+            Err(why) => warn(format!("skipping {}: {why}", path.display())),
         }
     }
     // Directory order is arbitrary; images should not be.
@@ -168,11 +168,17 @@ fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
 
 /// Refuses a descriptor that no key of `vib_keys` signed (when keys are given); warns about an
 /// unsigned one otherwise.
-fn check_descriptor(f: &Found, vib_keys: &[VerifyingKey]) -> Result<(), CliError> {
+fn check_descriptor(
+    f: &Found,
+    vib_keys: &[VerifyingKey],
+    warn: &mut dyn FnMut(String),
+) -> Result<(), CliError> {
     let what = format!("descriptor {} ({})", f.path.display(), f.descriptor.name);
     if vib_keys.is_empty() {
         if f.envelope.signatures.is_empty() {
-            eprintln!("warning: {what} is unsigned; agents will refuse an image carrying it");
+            warn(format!(
+                "{what} is unsigned; agents will refuse an image carrying it"
+            ));
         }
         return Ok(());
     }
@@ -205,12 +211,15 @@ fn check_descriptor(f: &Found, vib_keys: &[VerifyingKey]) -> Result<(), CliError
 
 /// Builds, signs and writes `images/<name>.json` from the depot's descriptors. With `vib_keys`,
 /// every descriptor must be signed by one of them; without, a warning says nothing was verified.
+/// Warnings (skipped files, unsigned descriptors, an expiry not in the future) go to `warn`, for
+/// the caller to show.
 pub fn create(
     depot: &Path,
     key: &ed25519_dalek::SigningKey,
     spec: &ImageSpec,
     vib_keys: &[VerifyingKey],
     now: OffsetDateTime,
+    warn: &mut dyn FnMut(String),
 ) -> Result<CreatedImage, CliError> {
     check_text("--base-image", spec.base_image.as_str()).map_err(CliError::Usage)?;
     for (i, c) in spec.components.iter().enumerate() {
@@ -221,7 +230,7 @@ pub fn create(
             )));
         }
     }
-    let found = read_descriptors(&depot.join("descriptors"))?;
+    let found = read_descriptors(&depot.join("descriptors"), warn)?;
 
     let mut components = Vec::new();
     for want in &spec.components {
@@ -257,7 +266,7 @@ pub fn create(
             }
         }
         for f in &selected {
-            check_descriptor(f, vib_keys)?;
+            check_descriptor(f, vib_keys, warn)?;
         }
         components.push(Component {
             name: want.name.clone(),
@@ -266,18 +275,18 @@ pub fn create(
         });
     }
     if vib_keys.is_empty() {
-        eprintln!(
-            "warning: the descriptors of image {} were not verified (no --vib-key given); \
+        warn(format!(
+            "the descriptors of image {} were not verified (no --vib-key given); \
              its signature vouches for them anyway",
             spec.name
-        );
+        ));
     }
     if spec.expires <= now {
-        eprintln!(
-            "warning: image {} expires at {}, which is not in the future; agents will refuse it",
+        warn(format!(
+            "image {} expires at {}, which is not in the future; agents will refuse it",
             spec.name,
             rfc3339(spec.expires)
-        );
+        ));
     }
 
     let image = Image {
@@ -537,6 +546,7 @@ mod tests {
             &image_spec,
             &[vib_key.verifying_key()],
             now,
+            &mut |_| {},
         )
         .expect("create");
         // A descriptor by another key is refused when --vib-key is given, accepted without.
@@ -546,6 +556,7 @@ mod tests {
             &image_spec,
             &[image_key.verifying_key()],
             now,
+            &mut |_| {},
         )
         .expect_err("foreign descriptors");
         assert!(matches!(
@@ -593,7 +604,7 @@ mod tests {
             ..image_spec
         };
         assert_eq!(
-            create(&depot, &image_key, &missing, &[], now)
+            create(&depot, &image_key, &missing, &[], now, &mut |_| {})
                 .expect_err("missing")
                 .exit_code(),
             2

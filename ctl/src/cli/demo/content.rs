@@ -127,6 +127,7 @@ impl Demo<'_> {
             &spec,
             &[vib_key],
             OffsetDateTime::now_utc(),
+            &mut |w| eprintln!("warning: {w}"),
         )
         .map_err(cli_failure("image"))?;
         let envelope: Envelope = fs::read(&created.path)
