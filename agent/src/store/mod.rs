@@ -245,22 +245,31 @@ fn take_lock(lock_path: &Path) -> Result<File, StoreError> {
     }
 }
 
-/// sha256 of a file's contents, read in chunks of up to 1 MiB.
+/// sha256 of a file's contents, read in chunks of up to 1 MiB. The file is opened without
+/// following a symbolic link (the daemon's stores and banks hold none).
 pub fn hash_file(path: &Path) -> io::Result<Digest> {
-    let mut f = fsutil::open_nofollow(path)?;
-    let mut hasher = Sha256::new();
+    let f = fsutil::open_nofollow(path)?;
     // No bigger than the file: zeroing 1 MiB for every 64 KiB blob cost a scrub a quarter of
     // the time it spent hashing (issue 7, P4).
     let len = f.metadata()?.len();
-    let mut buf = vec![0u8; len.clamp(4 << 10, 1 << 20) as usize];
+    hash_reader(f, len.clamp(4 << 10, 1 << 20) as usize).map(|(digest, _)| digest)
+}
+
+/// sha256 and length of everything `reader` yields, read `chunk` bytes at a time: the one
+/// streaming hash of a file, for the store and for whoever publishes content.
+pub fn hash_reader(mut reader: impl Read, chunk: usize) -> io::Result<(Digest, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; chunk.max(1)];
+    let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        total = total.saturating_add(n as u64);
     }
-    Ok(Digest::from_bytes(hasher.finalize().into()))
+    Ok((Digest::from_bytes(hasher.finalize().into()), total))
 }
 
 #[cfg(test)]

@@ -125,17 +125,9 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// sha256 and length of a file already on disk, streamed.
+/// sha256 and length of a file already on disk (which may be a symbolic link), streamed.
 fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut writer = HashingWriter {
-        inner: io::sink(),
-        hasher: Sha256::new(),
-    };
-    let size = io::copy(
-        &mut BufReader::with_capacity(1 << 16, File::open(path)?),
-        &mut writer,
-    )?;
-    Ok((Digest::from_bytes(writer.hasher.finalize().into()), size))
+    vibstage::store::hash_reader(File::open(path)?, 1 << 16)
 }
 
 /// Streams `file` into `vibs/` under its digest. Returns the digest, size and whether an
