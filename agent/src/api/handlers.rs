@@ -237,19 +237,7 @@ pub async fn metrics(State(s): State<ApiState>) -> Response {
         .agent
         .task_counts()
         .into_iter()
-        .map(|((k, st), n)| {
-            (
-                serde_json::to_value(k)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                serde_json::to_value(st)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                n,
-            )
-        })
+        .map(|((k, st), n)| (k.as_str().to_owned(), st.as_str().to_owned(), n))
         .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -200,14 +200,8 @@ pub fn report(imported: &[ImportedVib], json: bool, out: &mut dyn Write) -> Resu
                 d.vendor,
                 d.component,
                 d.component_version,
-                serde_json::to_value(d.kind)
-                    .ok()
-                    .and_then(|k| k.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                serde_json::to_value(d.target)
-                    .ok()
-                    .and_then(|k| k.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                d.kind.as_str(),
+                d.target.as_str(),
                 d.acceptance,
                 d.sha256
             ),

@@ -257,10 +257,7 @@ pub fn add_with(
                         old.component,
                         old.component_version,
                         old.vendor,
-                        serde_json::to_value(old.kind)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        old.kind.as_str(),
                         descriptors
                             .join(format!("{}.json", digest.to_hex()))
                             .display(),

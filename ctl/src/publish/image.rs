@@ -26,7 +26,7 @@ use vibstage_protocol::version::Version;
 use vibstage_protocol::{
     AcceptanceLevel, Component, Digest, Envelope, ErrorCode, IMAGE_PAYLOAD_TYPE, Image,
     ImageDigest, KeyId, KeyRole, Name, TrustStore, TrustedKey, VIB_PAYLOAD_TYPE, VerifiedImage,
-    VibDescriptor, VibKind, VibTarget, verify_image,
+    VibDescriptor, verify_image,
 };
 
 use crate::error::{CliError, io_message};
@@ -154,12 +154,12 @@ fn read_descriptors(dir: &Path, warn: &mut dyn FnMut(String)) -> Result<Vec<Foun
     found.sort_by(|a, b| {
         (
             &a.descriptor.name,
-            target_str(a.descriptor.target),
+            a.descriptor.target.as_str(),
             a.descriptor.sha256,
         )
             .cmp(&(
                 &b.descriptor.name,
-                target_str(b.descriptor.target),
+                b.descriptor.target.as_str(),
                 b.descriptor.sha256,
             ))
     });
@@ -252,7 +252,7 @@ pub fn create(
         // An agent refuses an image listing a VIB name twice for one target.
         let mut seen: BTreeMap<(&Name, &str), &Path> = BTreeMap::new();
         for f in &selected {
-            let k = (&f.descriptor.name, target_str(f.descriptor.target));
+            let k = (&f.descriptor.name, f.descriptor.target.as_str());
             if let Some(other) = seen.insert(k, &f.path) {
                 return Err(CliError::Usage(format!(
                     "component {} {} has two VIBs named {} for target {}: {} and {}; remove one",
@@ -432,22 +432,6 @@ pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
-pub(crate) fn kind_str(kind: VibKind) -> &'static str {
-    match kind {
-        VibKind::Software => "software",
-        VibKind::Firmware => "firmware",
-        _ => "unknown",
-    }
-}
-
-pub(crate) fn target_str(target: VibTarget) -> &'static str {
-    match target {
-        VibTarget::Host => "host",
-        VibTarget::Dpu => "dpu",
-        _ => "unknown",
-    }
-}
-
 pub(crate) fn join_ids(ids: &[KeyId]) -> String {
     ids.iter()
         .map(ToString::to_string)
@@ -498,6 +482,7 @@ mod tests {
     use crate::publish::depot::{VibSpec, add};
     use ed25519_dalek::SigningKey;
     use time::Duration;
+    use vibstage_protocol::{VibKind, VibTarget};
 
     fn spec(component: &str, acceptance: AcceptanceLevel) -> VibSpec {
         VibSpec {
