@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
 use vibstage_protocol::Digest;
+use vibstage_protocol::error::error_chain;
 
 use crate::rate::RateLimiter;
 use crate::store::{Committed, Ingest, Store, StoreError};
@@ -644,21 +645,6 @@ fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String
         cur = err.source();
     }
     None
-}
-
-/// The error and its causes, without Rust's " (os error N)" suffixes.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = Some(e);
-    while let Some(inner) = cur {
-        let text = inner.to_string();
-        parts.push(match text.rfind(" (os error ") {
-            Some(i) if text.ends_with(')') => text[..i].to_owned(),
-            _ => text,
-        });
-        cur = inner.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -91,9 +91,5 @@ impl CliError {
 
 /// An I/O error's message without Rust's " (os error N)" suffix, for operator-facing text.
 pub fn io_message(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => text[..i].to_owned(),
-        _ => text,
-    }
+    vibstage_protocol::error::without_os_error(e.to_string())
 }
