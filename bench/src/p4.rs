@@ -54,10 +54,10 @@ fn populate(env: &Env, root: &std::path::Path, count: usize, size: u64) -> Resul
         let vib = name(&format!("blob-{i}"))?;
         let descriptor = VibDescriptor {
             name: vib.clone(),
-            version: Version("1.0".into()),
+            version: Version::from("1.0"),
             vendor: "bench".into(),
             component: component.clone(),
-            component_version: Version("1.0".into()),
+            component_version: Version::from("1.0"),
             acceptance: AcceptanceLevel::Partner,
             kind: VibKind::Software,
             target: VibTarget::Host,
@@ -83,16 +83,16 @@ fn populate(env: &Env, root: &std::path::Path, count: usize, size: u64) -> Resul
         name: component.clone(),
         serial: 1,
         expires: now + time::Duration::days(30),
-        base_image: Version("1.0".into()),
+        base_image: Version::from("1.0"),
         components: vec![Component {
             name: component.clone(),
-            version: Version("1.0".into()),
+            version: Version::from("1.0"),
             vibs: envelopes,
         }],
     };
     let payload =
         serde_json::to_vec(&image).map_err(|e| BenchError::Setup(format!("image: {e}")))?;
-    let digest = ImageDigest(Digest::of(&payload));
+    let digest = ImageDigest::of_payload(&payload);
     let record = ImageRecord {
         image: ImageRef {
             name: component,

@@ -149,7 +149,7 @@ impl Env {
             .map_err(|e| BenchError::Setup(format!("component name {name}: {e}")))?;
         let spec = VibSpec {
             component: component.clone(),
-            component_version: Version("1.0".into()),
+            component_version: Version::from("1.0"),
             vendor: "bench".into(),
             acceptance: AcceptanceLevel::Partner,
             kind: VibKind::Software,
@@ -184,10 +184,10 @@ impl Env {
                 name: component.clone(),
                 serial: 1,
                 expires: now + time::Duration::days(30),
-                base_image: Version("1.0".into()),
+                base_image: Version::from("1.0"),
                 components: vec![ComponentRef {
                     name: component,
-                    version: Version("1.0".into()),
+                    version: Version::from("1.0"),
                 }],
             },
             &[self.vendor_key.verifying_key()],

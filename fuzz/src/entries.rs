@@ -133,7 +133,7 @@ fn check_image(env: &Envelope, store: &TrustStore) {
     }) {
         Ok(v) => {
             assert_eq!(env.payload_type, IMAGE_PAYLOAD_TYPE);
-            assert_eq!(v.digest, ImageDigest(Digest::of(&env.payload)));
+            assert_eq!(v.digest, ImageDigest::of_payload(&env.payload));
             assert!(v.image.expires > NOW, "expired image accepted");
             assert!(v.image.serial >= HIGHEST_SERIAL, "rollback accepted");
             let image_id = vibstage_protocol::dsse::key_id(&image_key().verifying_key());

@@ -108,9 +108,24 @@ serde_via_str!(Digest);
 
 /// The name of an image: `sha256:<hex>` of its envelope's decoded payload bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ImageDigest(pub Digest);
+pub struct ImageDigest(Digest);
 
 impl ImageDigest {
+    /// The image named by `digest` (the sha256 of its payload bytes).
+    pub fn new(digest: Digest) -> Self {
+        ImageDigest(digest)
+    }
+
+    /// The image of these payload bytes.
+    pub fn of_payload(payload: &[u8]) -> Self {
+        ImageDigest(Digest::of(payload))
+    }
+
+    /// The sha256 itself.
+    pub fn digest(&self) -> Digest {
+        self.0
+    }
+
     /// The hex part alone, used for file names on disk.
     pub fn hex(&self) -> String {
         self.0.to_hex()
@@ -144,7 +159,7 @@ serde_via_str!(ImageDigest);
 
 /// A key id: hex sha256 of the raw 32-byte ed25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(pub Digest);
+pub struct KeyId(Digest);
 
 impl KeyId {
     /// The key id of a raw ed25519 public key.

@@ -7,7 +7,7 @@ use std::fmt;
 /// A version string with the SPEC's ordering. Any non-empty string is a version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
-pub struct Version(pub String);
+pub struct Version(String);
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum Segment<'a> {
@@ -21,6 +21,12 @@ fn segments(v: &str) -> impl Iterator<Item = Segment<'_>> {
         Ok(n) if s.bytes().all(|b| b.is_ascii_digit()) => Segment::Num(n),
         _ => Segment::Text(s),
     })
+}
+
+impl From<String> for Version {
+    fn from(text: String) -> Self {
+        Version(text)
+    }
 }
 
 impl Version {

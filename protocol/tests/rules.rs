@@ -318,7 +318,7 @@ fn accepted_image_reports_digest_and_vibs() {
     let env = signed(&good_image());
     let v = verify_image(&env, &store(), AcceptanceLevel::Partner, NOW, |_| Some(8))
         .expect("same serial is not a rollback");
-    assert_eq!(v.digest.0, Digest::of(&env.payload));
+    assert_eq!(v.digest.digest(), Digest::of(&env.payload));
     assert_eq!(v.vibs.len(), 2);
     assert_eq!(
         v.vibs[0].signers,

@@ -326,7 +326,7 @@ fn wrong_files_are_named_with_what_they_are() {
         name: "esx-8.0u2".parse().expect("name"),
         serial: 1,
         expires: time::OffsetDateTime::now_utc() + time::Duration::days(30),
-        base_image: vibstage_protocol::version::Version("8.0.2-0.20".into()),
+        base_image: vibstage_protocol::version::Version::from("8.0.2-0.20"),
         components: vec!["ESXi=8.0.2-0.20".parse().expect("component")],
     };
     let created = vibstage_ctl::publish::image::create(

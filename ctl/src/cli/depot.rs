@@ -108,7 +108,7 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
             let key = load_signing_key(&a.key)?;
             let spec = VibSpec {
                 component: a.component,
-                component_version: Version(a.component_version),
+                component_version: Version::from(a.component_version),
                 vendor: a.vendor,
                 acceptance: a.acceptance,
                 kind: match a.kind {
@@ -119,7 +119,7 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                     TargetArg::Host => VibTarget::Host,
                     TargetArg::Dpu => VibTarget::Dpu,
                 },
-                version: a.version.map(Version),
+                version: a.version.map(Version::from),
                 maintenance_mode: !a.no_maintenance_mode,
                 reboot_required: !a.no_reboot_required,
             };

@@ -172,7 +172,7 @@ pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliErro
                 name: a.name,
                 serial: a.serial,
                 expires: a.expires.unwrap_or(default_expiry),
-                base_image: Version(base_image),
+                base_image: Version::from(base_image),
                 components,
             };
             let vib_keys = a

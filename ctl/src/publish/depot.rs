@@ -305,7 +305,7 @@ mod tests {
     fn spec() -> VibSpec {
         VibSpec {
             component: "ESXi".parse().expect("name"),
-            component_version: Version("8.0.2-0.20".into()),
+            component_version: Version::from("8.0.2-0.20"),
             vendor: "acme".into(),
             acceptance: AcceptanceLevel::Partner,
             kind: VibKind::Software,

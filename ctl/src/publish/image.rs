@@ -24,9 +24,9 @@ use time::{OffsetDateTime, UtcOffset};
 use vibstage_protocol::dsse::key_id;
 use vibstage_protocol::version::Version;
 use vibstage_protocol::{
-    AcceptanceLevel, Component, Digest, Envelope, ErrorCode, IMAGE_PAYLOAD_TYPE, Image,
-    ImageDigest, KeyId, KeyRole, Name, TrustStore, TrustedKey, VIB_PAYLOAD_TYPE, VerifiedImage,
-    VibDescriptor, verify_image,
+    AcceptanceLevel, Component, Envelope, ErrorCode, IMAGE_PAYLOAD_TYPE, Image, ImageDigest, KeyId,
+    KeyRole, Name, TrustStore, TrustedKey, VIB_PAYLOAD_TYPE, VerifiedImage, VibDescriptor,
+    verify_image,
 };
 
 use crate::error::{CliError, io_message};
@@ -55,7 +55,7 @@ impl FromStr for ComponentRef {
         check_text("component version", version)?;
         Ok(Self {
             name,
-            version: Version(version.to_owned()),
+            version: Version::from(version.to_owned()),
         })
     }
 }
@@ -299,7 +299,7 @@ pub fn create(
     let path = depot.join("images").join(format!("{}.json", image.name));
     let payload =
         serde_json::to_vec(&image).map_err(|e| CliError::io("encode image", &path, e.into()))?;
-    let digest = ImageDigest(Digest::of(&payload));
+    let digest = ImageDigest::of_payload(&payload);
     let envelope = Envelope::sign(IMAGE_PAYLOAD_TYPE, payload, key);
     let mut json = serde_json::to_vec_pretty(&envelope)
         .map_err(|e| CliError::io("encode image", &path, e.into()))?;
@@ -487,7 +487,7 @@ mod tests {
     fn spec(component: &str, acceptance: AcceptanceLevel) -> VibSpec {
         VibSpec {
             component: component.parse().expect("name"),
-            component_version: Version("1.0".into()),
+            component_version: Version::from("1.0"),
             vendor: "acme".into(),
             acceptance,
             kind: VibKind::Software,
@@ -522,7 +522,7 @@ mod tests {
             name: "img".parse().expect("name"),
             serial: 3,
             expires: now + Duration::days(1),
-            base_image: Version("1.0".into()),
+            base_image: Version::from("1.0"),
             components: vec!["B=1.0".parse().expect("c"), "A=1.0".parse().expect("c")],
         };
         let created = create(

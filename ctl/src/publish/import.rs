@@ -143,10 +143,10 @@ fn derive(
     };
     let descriptor = VibDescriptor {
         name,
-        version: Version(x.version.clone()),
+        version: Version::from(x.version.clone()),
         vendor: x.vendor.clone(),
         component,
-        component_version: Version(component_version),
+        component_version: Version::from(component_version),
         acceptance: x.acceptance,
         kind: if x
             .software_tags
@@ -370,7 +370,7 @@ pub fn image_parts(bundle_path: &Path, addons: &[String]) -> Result<ImageParts, 
     let base = bundle
         .base_images
         .iter()
-        .max_by(|a, b| Version(a.version.clone()).cmp(&Version(b.version.clone())));
+        .max_by(|a, b| Version::from(a.version.clone()).cmp(&Version::from(b.version.clone())));
     if let Some(b) = base {
         for c in &b.components {
             put(&c.name, &c.version);

@@ -109,15 +109,15 @@ impl Demo<'_> {
             name: name("image", IMAGE)?,
             serial: 1,
             expires: OffsetDateTime::now_utc() + time::Duration::days(30),
-            base_image: Version(ESXI.1.to_owned()),
+            base_image: Version::from(ESXI.1.to_owned()),
             components: vec![
                 ComponentRef {
                     name: name("image", ESXI.0)?,
-                    version: Version(ESXI.1.to_owned()),
+                    version: Version::from(ESXI.1.to_owned()),
                 },
                 ComponentRef {
                     name: name("image", BIOS.0)?,
-                    version: Version(BIOS.1.to_owned()),
+                    version: Version::from(BIOS.1.to_owned()),
                 },
             ],
         };
