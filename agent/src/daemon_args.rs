@@ -47,6 +47,13 @@ pub struct Args {
     pub scrub: bool,
 }
 
+/// The exit of a command line clap refused or answered itself, for every vibstage binary
+/// (SPEC §3): its message printed, 0 for `--help` and `--version`, 2 for a usage error.
+pub fn clap_exit(e: clap::Error) -> std::process::ExitCode {
+    let _ = e.print();
+    std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

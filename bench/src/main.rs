@@ -72,14 +72,7 @@ fn figures(what: &[String]) -> Result<Vec<Figure>, String> {
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(e) => return vibstage::daemon_args::clap_exit(e),
     };
     let figures = match figures(&args.what) {
         Ok(f) => f,

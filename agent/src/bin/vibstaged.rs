@@ -4,19 +4,12 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use vibstage::daemon_args::{Args, LogFormat};
+use vibstage::daemon_args::{Args, LogFormat, clap_exit};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(e) => return clap_exit(e),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIBSTAGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -36,6 +36,7 @@ pub(crate) use crate::files::{
     Existing, ensure_dir, load_signing_key, load_verifying_key, parent_dir, read_config_text,
     with_suffix, write_file,
 };
+use vibstage::daemon_args::clap_exit;
 
 /// Where the local agent listens unless `--socket` says otherwise (SPEC §4 `socket`).
 pub const DEFAULT_SOCKET: &str = "/run/vibstage/vibstaged.sock";
@@ -253,12 +254,6 @@ pub fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-/// clap's own codes: 0 for help/version, 2 for usage errors.
-fn clap_exit(e: clap::Error) -> ExitCode {
-    let _ = e.print();
-    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
 /// Runs one parsed command line, writing its results to `out`.
