@@ -243,9 +243,14 @@ impl Agent {
             {
                 return Ok(Started::Joined(task));
             }
+            let what = if r.digest == image.digest {
+                "a different operation on this image (wait for it to end)"
+            } else {
+                "another image"
+            };
             return Err(AgentError::new(
                 ErrorCode::Busy,
-                format!("task {} is running for another image", r.task_id),
+                format!("task {} is running for {what}", r.task_id),
             ));
         }
         let image_ref = ImageRef {

@@ -360,10 +360,33 @@ impl Agent {
             ("maintenance.exit", &m.exit)
         };
         let timeout = Duration::from_secs(m.timeout_secs);
+        if enter {
+            // Recorded before the hook runs: an agent killed while `enter` runs (the hook may
+            // finish without it) must come back knowing the host may be in maintenance mode,
+            // and leave it only through `exit`. A failed `enter` is undone by the caller, which
+            // runs `exit` and records the mode as left.
+            self.set_maintenance(true)?;
+            return run_command(what, argv, &[], timeout, ErrorCode::MaintenanceFailed).await;
+        }
         run_command(what, argv, &[], timeout, ErrorCode::MaintenanceFailed).await?;
+        self.set_maintenance(false)
+    }
+
+    /// Records maintenance mode. Entering is recorded on disk before the hook runs (if that
+    /// fails, the hook does not run and nothing changes); leaving is recorded after the exit
+    /// hook ran, in memory whatever the disk does, since the host did leave it.
+    fn set_maintenance(&self, active: bool) -> Result<(), AgentError> {
         let mut state = lock(&self.state);
-        state.maintenance_active = enter;
-        self.save(&state)
+        if active {
+            let mut next = state.clone();
+            next.maintenance_active = true;
+            self.save(&next)?;
+            *state = next;
+            Ok(())
+        } else {
+            state.maintenance_active = false;
+            self.save(&state)
+        }
     }
 
     async fn install(

@@ -282,15 +282,31 @@ impl Store {
     /// partial file are re-hashed so the final check covers every byte.
     pub fn ingest(&self, digest: Digest, size: u64) -> Result<Ingest, StoreError> {
         let path = self.partial_path(&digest);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))?;
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))
+        };
+        let mut file = open()?;
+        // Only a partial the agent wrote is resumed: a regular file of its own with one link.
+        // A hard link planted here would make the download write into (and chmod) a file
+        // elsewhere; its name is removed (never the file it links to) and the download starts
+        // from nothing.
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", &path, e, String::new))?;
+        if !own_single_file(&meta) {
+            tracing::warn!(path = %path.display(), links = meta.nlink(), uid = meta.uid(), "a partial download that is not the agent's own file was removed");
+            drop(file);
+            fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e, String::new))?;
+            file = open()?;
+        }
         let mut ingest = Ingest {
             file: io::BufWriter::with_capacity(
                 256 << 10,
@@ -429,6 +445,14 @@ impl Store {
             else {
                 continue;
             };
+            // Something else than a file of the agent's (a symlink, a directory, a hard link)
+            // is no record: moved aside, never followed, and the agent still starts.
+            if !fs::symlink_metadata(&path).is_ok_and(|m| own_single_file(&m)) {
+                let aside = path.with_extension("json.broken");
+                let _ = fs::rename(&path, &aside);
+                quarantined.push(aside);
+                continue;
+            }
             match fsutil::read_json::<ImageRecord>(&path) {
                 Ok(Loaded::Ok(r)) if r.image.digest == digest => out.push(r),
                 Ok(Loaded::Ok(_)) => {
@@ -537,10 +561,11 @@ impl Store {
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > max_partial_age);
-            if valid && !old && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let own = fs::symlink_metadata(&path).is_ok_and(|m| own_single_file(&m));
+            if valid && !old && own {
                 rec.partials_kept += 1;
             } else {
-                let _ = fs::remove_file(&path);
+                remove_entry(&path);
                 rec.strays_removed.push(path);
             }
         }
@@ -557,12 +582,13 @@ impl Store {
                 .to_str()
                 .and_then(|n| n.parse::<Digest>().ok())
             else {
-                let _ = fs::remove_file(&path);
+                remove_entry(&path);
                 rec.strays_removed.push(path);
                 continue;
             };
-            if !meta.file_type().is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
-                let _ = fs::remove_file(&path);
+            // A hard link here would make the chmod below change a file elsewhere.
+            if !own_single_file(&meta) {
+                remove_entry(&path);
                 rec.blobs_removed.push(digest);
                 continue;
             }
@@ -601,6 +627,23 @@ impl Store {
     /// Size and free space of the store's filesystem (statvfs).
     pub fn space(&self) -> Result<Space, StoreError> {
         space_of(&self.root)
+    }
+}
+
+/// Whether a file is one the agent may write or chmod: a regular file it owns, with one link.
+fn own_single_file(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_file() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.nlink() == 1
+}
+
+/// Removes a directory entry whatever it is (a directory planted where a file belongs too).
+fn remove_entry(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_dir() => {
+            let _ = fs::remove_dir_all(path);
+        }
+        _ => {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
