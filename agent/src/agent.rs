@@ -11,49 +11,97 @@ use vibstage_protocol::api::{
 };
 use vibstage_protocol::trust::verify_image_content;
 use vibstage_protocol::{
-    Envelope, ErrorCode, ImageDigest, TrustStore, VerifiedImage, VerifyError, verify_image,
+    Envelope, ImageDigest, TrustStore, VerifiedImage, VerifyError, verify_image,
 };
 
-use reqwest::Url;
 use vibstage_protocol::api::DepotList;
 
 use crate::compliance;
 use crate::config::Config;
+use crate::fetch::{DepotUrl, FetchError};
 use crate::metrics::Metrics;
+use crate::remediate::{Before, RemediateError, Remediation};
 use crate::stage::{HostPolicy, StageError, StageProgress, Stager, parts_of};
 use crate::state::{State, StateFile};
 use crate::store::StoreError;
 use crate::tasks::{TaskRequest, Tasks};
 
-/// A refused or failed operation: an API error code and a message.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {}", .0.code, .0.message)]
-pub struct AgentError(pub ErrorDetail);
-
-impl AgentError {
-    /// An error with a code and message.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self(ErrorDetail::new(code, message))
-    }
+/// Why a lifecycle operation (check, stage, remediate, a deletion of staged content, status) was
+/// refused or failed: each subsystem's own error, wrapped as it is (its `source()` chain kept),
+/// or a refusal of the lifecycle itself. Which SPEC error code and HTTP status each one is gets
+/// decided at the API edge, in one place (`api::error::detail_of`), which the agent is handed at
+/// start-up to record a failed task's error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LifecycleError {
+    /// The image or a descriptor was refused.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// Staging failed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The content store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A depot of the request is unusable.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A remediation step failed.
+    #[error(transparent)]
+    Remediate(#[from] RemediateError),
+    /// Another stage or remediation is running (for another image, or the other operation on
+    /// this one).
+    #[error("task {task} is running for {what}")]
+    Busy {
+        /// The running task.
+        task: String,
+        /// What it runs for, in words.
+        what: &'static str,
+    },
+    /// Staged content cannot be deleted while a lifecycle task runs (issue 11, item 1).
+    #[error(
+        "task {task} is staging or remediating image {image}; staged content can be deleted once it ends"
+    )]
+    BusyStaging {
+        /// The running task.
+        task: String,
+        /// Its image.
+        image: ImageDigest,
+    },
+    /// No staged image has this digest.
+    #[error("no staged image {0}")]
+    NotStaged(ImageDigest),
+    /// The image cannot run on this host.
+    #[error("image {image} is incompatible with this host: {why}")]
+    Incompatible {
+        /// The image's name.
+        image: vibstage_protocol::Name,
+        /// The compliance notifications that say why.
+        why: String,
+    },
+    /// A request names no depot, or more than [`DepotList::MAX`].
+    #[error(
+        "a request names 1 to {} depots; this one names {count}",
+        DepotList::MAX
+    )]
+    DepotCount {
+        /// How many it names.
+        count: usize,
+    },
+    /// The state file could not be written.
+    #[error("failed to save agent state: {0}")]
+    SaveState(#[source] std::io::Error),
+    /// The agent stopped while the task ran, and the task cannot be resumed.
+    #[error("the agent stopped while this task was running (step: {step})")]
+    Interrupted {
+        /// The step it was at.
+        step: String,
+    },
 }
 
-impl From<VerifyError> for AgentError {
-    fn from(e: VerifyError) -> Self {
-        Self::new(e.code(), e.to_string())
-    }
-}
-
-impl From<StageError> for AgentError {
-    fn from(e: StageError) -> Self {
-        Self::new(e.code(), e.to_string())
-    }
-}
-
-impl From<StoreError> for AgentError {
-    fn from(e: StoreError) -> Self {
-        Self::new(crate::fetch::store_code(&e), e.to_string())
-    }
-}
+/// Turns a lifecycle error into the error a task records (code and message): the API's mapping,
+/// handed to [`Agent::new`] so that this layer does not choose codes.
+pub type Describe = fn(&LifecycleError) -> ErrorDetail;
 
 /// What a stage or remediate request led to.
 #[derive(Debug)]
@@ -75,36 +123,61 @@ pub(crate) struct Running {
 /// The agent.
 #[derive(Debug)]
 pub struct Agent {
-    pub(crate) host_id: String,
-    pub(crate) config: Config,
-    pub(crate) trust: RwLock<Arc<TrustStore>>,
-    pub(crate) stager: Stager,
-    pub(crate) state: Mutex<State>,
-    pub(crate) state_file: StateFile,
-    pub(crate) tasks: Tasks,
-    pub(crate) metrics: Metrics,
-    pub(crate) running: Mutex<Option<Running>>,
-    pub(crate) jobs: Mutex<tokio::task::JoinSet<()>>,
+    host_id: String,
+    config: Config,
+    trust: RwLock<Arc<TrustStore>>,
+    stager: Stager,
+    state: Mutex<State>,
+    state_file: StateFile,
+    tasks: Tasks,
+    metrics: Metrics,
+    running: Mutex<Option<Running>>,
+    jobs: Mutex<tokio::task::JoinSet<()>>,
     /// Bounds how many requests verify signatures at once (one per core): verification is the
     /// one expensive thing an authenticated client can make the agent do per request.
     verification_slots: tokio::sync::Semaphore,
+    /// The API's mapping of an error to the code and message a failed task records.
+    describe: Describe,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What an agent is assembled from at start-up (see `daemon::run`).
+#[derive(Debug)]
+pub struct Parts {
+    /// Reported in status.
+    pub host_id: String,
+    /// The configuration read at start (SIGHUP changes only the trust store and `[depot]`).
+    pub config: Config,
+    /// The keys images and descriptors are verified against.
+    pub trust: TrustStore,
+    /// Stages content into the stores.
+    pub stager: Stager,
+    /// The state loaded from `state_dir`.
+    pub state: State,
+    /// The task list loaded from `state_dir`.
+    pub tasks: Tasks,
+    /// The counters `/metrics` shows.
+    pub metrics: Metrics,
+    /// The API's mapping of errors to what a failed task records.
+    pub describe: Describe,
+}
+
 impl Agent {
-    /// Assembles an agent from its parts (see `daemon::start`).
-    pub fn new(
-        host_id: String,
-        config: Config,
-        trust: TrustStore,
-        stager: Stager,
-        state: State,
-        tasks: Tasks,
-        metrics: Metrics,
-    ) -> Arc<Self> {
+    /// Assembles an agent from its parts.
+    pub fn new(parts: Parts) -> Arc<Self> {
+        let Parts {
+            host_id,
+            config,
+            trust,
+            stager,
+            state,
+            tasks,
+            metrics,
+            describe,
+        } = parts;
         let state_file = StateFile::new(&config.agent.state_dir);
         Arc::new(Agent {
             host_id,
@@ -120,7 +193,13 @@ impl Agent {
             verification_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
+            describe,
         })
+    }
+
+    /// The configuration it was started with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The task list.
@@ -152,7 +231,7 @@ impl Agent {
         self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn host_policy(&self) -> HostPolicy {
+    fn host_policy(&self) -> HostPolicy {
         HostPolicy {
             has_dpus: !self.config.host.dpus.is_empty(),
             firmware_vendors: self.config.host.firmware_staging_vendors.clone(),
@@ -162,23 +241,20 @@ impl Agent {
     /// Saves `next` and only then makes it the state: a request refused because its state
     /// could not be saved changes nothing, not even in memory (issue 12: a refused check still
     /// showed its image in status, and a refused stage still raised the rollback serial).
-    fn commit(&self, state: &mut State, next: State) -> Result<(), AgentError> {
+    fn commit(&self, state: &mut State, next: State) -> Result<(), LifecycleError> {
         self.save(&next)?;
         *state = next;
         Ok(())
     }
 
-    pub(crate) fn save(&self, state: &State) -> Result<(), AgentError> {
-        self.state_file.save(state).map_err(|e| {
-            AgentError::new(
-                ErrorCode::Internal,
-                format!("failed to save agent state: {e}"),
-            )
-        })
+    fn save(&self, state: &State) -> Result<(), LifecycleError> {
+        self.state_file
+            .save(state)
+            .map_err(LifecycleError::SaveState)
     }
 
     /// Verifies an image; `for_install` adds the host's acceptance level.
-    fn verify(&self, env: &Envelope, for_install: bool) -> Result<VerifiedImage, AgentError> {
+    fn verify(&self, env: &Envelope, for_install: bool) -> Result<VerifiedImage, LifecycleError> {
         let trust = self.trust();
         let now = OffsetDateTime::now_utc();
         let serials = lock(&self.state).serials.clone();
@@ -204,7 +280,7 @@ impl Agent {
         matches!(self.stager.stores().find(digest), Ok(Some((store, _, record))) if parts_of(&record, store).staged)
     }
 
-    pub(crate) fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
+    fn evaluate(&self, image: &VerifiedImage, state: &State) -> ComplianceReport {
         compliance::evaluate(
             image,
             state.installed.as_ref(),
@@ -215,7 +291,7 @@ impl Agent {
     }
 
     /// `POST /v1/compliance/check`.
-    pub fn check(&self, env: &Envelope) -> Result<ComplianceReport, AgentError> {
+    pub fn check(&self, env: &Envelope) -> Result<ComplianceReport, LifecycleError> {
         let image = self.verify(env, false)?;
         let mut state = lock(&self.state);
         let report = self.evaluate(&image, &state);
@@ -232,7 +308,7 @@ impl Agent {
         kind: TaskKind,
         env: Envelope,
         depots: DepotList,
-    ) -> Result<Started, AgentError> {
+    ) -> Result<Started, LifecycleError> {
         let image = self.verify(&env, true)?;
         let urls = self.depot_urls(&depots)?;
         let mut running = lock(&self.running);
@@ -248,10 +324,10 @@ impl Agent {
             } else {
                 "another image"
             };
-            return Err(AgentError::new(
-                ErrorCode::Busy,
-                format!("task {} is running for {what}", r.task_id),
-            ));
+            return Err(LifecycleError::Busy {
+                task: r.task_id.clone(),
+                what,
+            });
         }
         let image_ref = ImageRef {
             name: image.image.name.clone(),
@@ -289,13 +365,10 @@ impl Agent {
                         .map(|n| n.message.as_str())
                         .collect::<Vec<_>>()
                         .join("; ");
-                    return Err(AgentError::new(
-                        ErrorCode::Incompatible,
-                        format!(
-                            "image {} is incompatible with this host: {why}",
-                            image_ref.name
-                        ),
-                    ));
+                    return Err(LifecycleError::Incompatible {
+                        image: image_ref.name,
+                        why,
+                    });
                 }
                 _ => {}
             }
@@ -318,30 +391,23 @@ impl Agent {
             digest: image.digest,
         });
         drop(running);
-        self.spawn_job(kind, task.id.clone(), env, image, urls, progress);
+        self.spawn_job(kind, task.id.clone(), image, urls, progress);
         Ok(Started::New(task))
     }
 
     /// The depots of a request, each parsed and checked (https unless `depot.allow_http`): one
     /// to [`DepotList::MAX`] of them.
-    fn depot_urls(&self, depots: &DepotList) -> Result<Vec<Url>, AgentError> {
+    fn depot_urls(&self, depots: &DepotList) -> Result<Vec<DepotUrl>, LifecycleError> {
         let urls = depots.urls();
         if urls.is_empty() || urls.len() > DepotList::MAX {
-            return Err(AgentError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "a request names 1 to {} depots; this one names {}",
-                    DepotList::MAX,
-                    urls.len()
-                ),
-            ));
+            return Err(LifecycleError::DepotCount { count: urls.len() });
         }
         urls.iter()
             .map(|url| {
                 self.stager
                     .fetcher()
                     .depot_url(url)
-                    .map_err(|e| AgentError::new(e.code(), e.to_string()))
+                    .map_err(LifecycleError::from)
             })
             .collect()
     }
@@ -350,27 +416,53 @@ impl Agent {
         self: &Arc<Self>,
         kind: TaskKind,
         task_id: String,
-        env: Envelope,
         image: VerifiedImage,
-        depots: Vec<Url>,
+        depots: Vec<DepotUrl>,
         progress: Arc<StageProgress>,
     ) {
         let agent = self.clone();
         lock(&self.jobs).spawn(async move {
             let result = if kind == TaskKind::Remediate {
-                agent.run_remediation(&task_id, &env, &image, &depots, &progress).await
+                let before = {
+                    let state = lock(&agent.state);
+                    Before {
+                        finishing: state.maintenance_active
+                            && state
+                                .installed
+                                .as_ref()
+                                .is_some_and(|i| i.image.digest == image.digest),
+                        installed_vibs: state.installed_vibs(),
+                        impact: agent.evaluate(&image, &state).impact,
+                    }
+                };
+                let step = |s: &str| {
+                    tracing::info!(task = %task_id, step = s, "remediation");
+                    agent.tasks.update(&task_id, |t| t.step = Some(s.to_owned()));
+                };
+                Remediation {
+                    config: &agent.config,
+                    stager: &agent.stager,
+                    state: &agent.state,
+                    state_file: &agent.state_file,
+                    policy: agent.host_policy(),
+                    step: &step,
+                }
+                .run(&image, &depots, &progress, before)
+                .await
+                .map_err(LifecycleError::from)
             } else {
                 let installed = lock(&agent.state).installed_vibs();
                 agent
                     .stager
-                    .stage(&env, &image, &depots, &installed, &agent.host_policy(), &progress)
+                    .stage(&image, &depots, &installed, &agent.host_policy(), &progress)
                     .await
                     .map(|outcome| {
                         tracing::info!(image = %image.digest, downloaded = outcome.downloaded, location = %outcome.location.display(), "staged");
                         outcome.record.notifications
                     })
-                    .map_err(AgentError::from)
+                    .map_err(LifecycleError::from)
             };
+            let result = result.map_err(|e| (agent.describe)(&e));
             let mut state = lock(&agent.state);
             let outcome = match result {
                 Ok(notes) => {
@@ -378,9 +470,9 @@ impl Agent {
                     Ok(notes)
                 }
                 Err(e) => {
-                    tracing::warn!(image = %image.digest, error = %e, ?kind, "task failed");
+                    tracing::warn!(image = %image.digest, error = %format_args!("{}: {}", e.code, e.message), ?kind, "task failed");
                     state.last_failure = Some(image.digest);
-                    Err(e.0)
+                    Err(e)
                 }
             };
             let report = agent.evaluate(&image, &state);
@@ -405,18 +497,14 @@ impl Agent {
             let verified = match (&request, resumable) {
                 (Some(req), true) => self.verify(&req.image, true).and_then(|v| {
                     // The depots are checked again: the configuration may have changed.
-                    Ok((req.clone(), v, self.depot_urls(&req.depot)?))
+                    Ok((v, self.depot_urls(&req.depot)?))
                 }),
-                _ => Err(AgentError::new(
-                    ErrorCode::Internal,
-                    format!(
-                        "the agent stopped while this task was running (step: {})",
-                        task.step.as_deref().unwrap_or("starting")
-                    ),
-                )),
+                _ => Err(LifecycleError::Interrupted {
+                    step: task.step.as_deref().unwrap_or("starting").to_owned(),
+                }),
             };
             match verified {
-                Ok((req, image, urls)) => {
+                Ok((image, urls)) => {
                     tracing::info!(task = %task.id, image = %image.digest, "resuming interrupted staging");
                     let progress = Arc::new(StageProgress::default());
                     self.tasks.resume(&task.id, progress.clone());
@@ -424,11 +512,12 @@ impl Agent {
                         task_id: task.id.clone(),
                         digest: image.digest,
                     });
-                    self.spawn_job(TaskKind::Stage, task.id, req.image, image, urls, progress);
+                    self.spawn_job(TaskKind::Stage, task.id, image, urls, progress);
                 }
                 Err(e) => {
-                    tracing::warn!(task = %task.id, error = %e, "interrupted task failed");
-                    self.tasks.finish(&task.id, Err(e.0));
+                    let e = (self.describe)(&e);
+                    tracing::warn!(task = %task.id, error = %format_args!("{}: {}", e.code, e.message), "interrupted task failed");
+                    self.tasks.finish(&task.id, Err(e));
                 }
             }
         }
@@ -443,7 +532,7 @@ impl Agent {
     }
 
     /// `GET /v1/staged`.
-    pub fn staged(&self) -> Result<Vec<StagedImage>, AgentError> {
+    pub fn staged(&self) -> Result<Vec<StagedImage>, LifecycleError> {
         let mut out = Vec::new();
         for (store, persistent) in self.stager.stores().all() {
             for record in store.records(&mut Vec::new())? {
@@ -463,26 +552,20 @@ impl Agent {
     }
 
     /// `DELETE /v1/staged/{digest}`.
-    pub fn delete_staged(&self, digest: &ImageDigest) -> Result<(), AgentError> {
+    pub fn delete_staged(&self, digest: &ImageDigest) -> Result<(), LifecycleError> {
         // Refused while any lifecycle task runs, not only one for this image: a running stage
         // writes its image record last, so until then its committed blobs are unreferenced and
         // the garbage collection of a deletion would take them (issue 11, item 1). The `running`
         // lock is held for the whole deletion, so no task can start halfway through it.
         let running = lock(&self.running);
         if let Some(r) = running.as_ref() {
-            return Err(AgentError::new(
-                ErrorCode::Busy,
-                format!(
-                    "task {} is staging or remediating image {}; staged content can be deleted once it ends",
-                    r.task_id, r.digest
-                ),
-            ));
+            return Err(LifecycleError::BusyStaging {
+                task: r.task_id.clone(),
+                image: r.digest,
+            });
         }
         if !self.stager.stores().remove(digest)? {
-            return Err(AgentError::new(
-                ErrorCode::NotFound,
-                format!("no staged image {digest}"),
-            ));
+            return Err(LifecycleError::NotStaged(*digest));
         }
         // Compliance `staged` promised content that is now gone: re-evaluate, so that a
         // controller gating remediation on it does not see a host that is ready (issue 17,
@@ -504,7 +587,7 @@ impl Agent {
     }
 
     /// `GET /v1/status`.
-    pub fn status(&self) -> Result<HostStatus, AgentError> {
+    pub fn status(&self) -> Result<HostStatus, LifecycleError> {
         let state = lock(&self.state).clone();
         let running = lock(&self.running).clone();
         let stores = self.stager.stores();

@@ -10,16 +10,17 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use vibstage_protocol::dsse::verifying_key_from_pem;
 use vibstage_protocol::{AcceptanceLevel, KeyRole, TrustStore, TrustedKey};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Parts};
 use crate::api::{self, Access, ApiState};
-use crate::config::{Config, ConfigError, RoleName};
+use crate::config::{self, Config, ConfigError, RoleName};
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::fsutil;
 use crate::metrics::Metrics;
 use crate::server::{self, Listener, TlsConfig};
-use crate::stage::{Stager, Stores};
+use crate::stage::Stager;
 use crate::state::StateFile;
 use crate::store::Store;
+use crate::store::Stores;
 use crate::tasks::Tasks;
 
 /// Partial downloads untouched for this long are removed at start.
@@ -78,7 +79,7 @@ fn tls_config(config: &Config, path: &Path) -> Result<Arc<rustls::ServerConfig>,
 
 /// Validates a configuration the way start-up would, without starting (`--check-config`).
 pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
-    let config = Config::load(path)?;
+    let config = config::load(path)?;
     load_trust(&config, path)?;
     if !config.listen.tcp.is_empty() {
         tls_config(&config, path)?;
@@ -227,7 +228,7 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
         tracing::error!("{w}");
     }
     // The built-in installer's bank is the truth about what is installed.
-    match crate::remediate::read_current_bank(&config.agent.state_dir) {
+    match crate::install::read_current_bank(&config.agent.state_dir) {
         Ok(Some(bank)) if state.installed.as_ref() != Some(&bank) => {
             tracing::warn!(image = %bank.image.digest, "installed image taken from bootbank/current");
             state.installed = Some(bank);
@@ -276,15 +277,16 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
         operators: config.tls.operators.clone(),
         readers: config.tls.readers.clone(),
     }));
-    let agent = Agent::new(
-        host_id(&config),
-        config.clone(),
+    let agent = Agent::new(Parts {
+        host_id: host_id(&config),
+        config: config.clone(),
         trust,
         stager,
         state,
         tasks,
         metrics,
-    );
+        describe: api::detail_of,
+    });
     let app = api::router(ApiState {
         agent: agent.clone(),
         access: access.clone(),
@@ -394,7 +396,7 @@ fn build_fetcher(config: &Config, metrics: &Metrics) -> Result<Fetcher, DaemonEr
 /// and the old setting kept; keys that changed but only take effect at start are named in a
 /// warning, so the log never claims more than was applied (issue 17, item 6).
 fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsConfig>) {
-    let config = match Config::load(path) {
+    let config = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload failed; keeping the running configuration");
@@ -427,7 +429,7 @@ fn reload(path: &Path, agent: &Agent, access: &RwLock<Access>, tls: Option<&TlsC
         }
         Err(e) => tracing::error!(error = %e, "depot settings not reloaded; keeping the old ones"),
     }
-    let restart = agent.config.restart_needed(&config, tls.is_some());
+    let restart = agent.config().restart_needed(&config, tls.is_some());
     if !restart.is_empty() {
         tracing::warn!(
             keys = %restart.join(", "),

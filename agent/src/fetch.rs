@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
-use vibstage_protocol::{Digest, ErrorCode};
+use vibstage_protocol::Digest;
+use vibstage_protocol::error::error_chain;
 
 use crate::rate::RateLimiter;
 use crate::store::{Committed, Ingest, Store, StoreError};
@@ -47,12 +48,10 @@ pub enum FetchError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Every depot of a request failed for one blob; the detail names each with its failure.
-    #[error("every depot failed: {detail}")]
+    #[error("every depot failed: {}", .failures.iter().map(|(url, e)| format!("[{url}] {e}")).collect::<Vec<_>>().join("; "))]
     EveryDepot {
-        /// The code they agree on, else `depot_unreachable`.
-        code: ErrorCode,
-        /// Each depot, and its last failure.
-        detail: String,
+        /// Each depot tried (without userinfo), and its last failure.
+        failures: Vec<(String, FetchError)>,
     },
     /// The blob is a real VIB whose own `descriptor.xml` does not name the VIB its signed
     /// descriptor names (issue 14): `checksum_mismatch`, since the bytes do not match their
@@ -67,33 +66,12 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// The API error code of this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            FetchError::BadDepot { .. } => ErrorCode::BadRequest,
-            FetchError::Unreachable { .. } => ErrorCode::DepotUnreachable,
-            FetchError::Store(e) => store_code(e),
-            FetchError::NotTheVib { .. } => ErrorCode::ChecksumMismatch,
-            FetchError::EveryDepot { code, .. } => *code,
-        }
-    }
-
     fn retriable(&self) -> bool {
         match self {
             FetchError::Unreachable { retriable, .. } => *retriable,
             FetchError::Store(StoreError::Checksum { .. }) | FetchError::NotTheVib { .. } => true,
             _ => false,
         }
-    }
-}
-
-/// The API error code of a store failure.
-pub fn store_code(e: &StoreError) -> ErrorCode {
-    match e {
-        StoreError::Checksum { .. } => ErrorCode::ChecksumMismatch,
-        StoreError::Size { .. } => ErrorCode::SizeMismatch,
-        StoreError::NoSpace { .. } => ErrorCode::InsufficientSpace,
-        _ => ErrorCode::Internal,
     }
 }
 
@@ -189,7 +167,7 @@ impl Fetcher {
     }
 
     /// Parses a depot base URL, adding the trailing `/` if missing and refusing http unless allowed.
-    pub fn depot_url(&self, depot: &str) -> Result<Url, FetchError> {
+    pub fn depot_url(&self, depot: &str) -> Result<DepotUrl, FetchError> {
         let bad = |reason: &str| FetchError::BadDepot {
             url: redact_str(depot).chars().take(200).collect(),
             reason: reason.to_owned(),
@@ -212,7 +190,7 @@ impl Fetcher {
             let path = format!("{}/", url.path());
             url.set_path(&path);
         }
-        Ok(url)
+        Ok(DepotUrl(url))
     }
 
     /// Fetches blob `digest` of `size` bytes from `<depot>/vibs/<hex>` into `store` and commits
@@ -230,7 +208,7 @@ impl Fetcher {
     #[allow(clippy::too_many_arguments)]
     pub async fn fetch_blob(
         &self,
-        depots: &[Url],
+        depots: &[DepotUrl],
         digest: Digest,
         size: u64,
         expect: Option<&VibIdentity>,
@@ -370,7 +348,7 @@ impl Fetcher {
         &self,
         store: &Store,
         digest: Digest,
-        depots: &[Url],
+        depots: &[DepotUrl],
         mut last: Vec<Option<FetchError>>,
         current: usize,
     ) -> FetchError {
@@ -383,25 +361,12 @@ impl Fetcher {
         {
             return e;
         }
-        let tried: Vec<(String, ErrorCode, String)> = depots
-            .iter()
-            .zip(&last)
-            .filter_map(|(depot, e)| {
-                e.as_ref()
-                    .map(|e| (redact(depot).to_string(), e.code(), e.to_string()))
-            })
-            .collect();
-        let code = match tried.first() {
-            Some((_, first, _)) if tried.iter().all(|(_, c, _)| c == first) => *first,
-            _ => ErrorCode::DepotUnreachable,
-        };
         FetchError::EveryDepot {
-            code,
-            detail: tried
-                .into_iter()
-                .map(|(url, _, why)| format!("[{url}] {why}"))
-                .collect::<Vec<_>>()
-                .join("; "),
+            failures: depots
+                .iter()
+                .zip(last)
+                .filter_map(|(depot, e)| e.map(|e| (redact(depot).to_string(), e)))
+                .collect(),
         }
     }
 
@@ -616,6 +581,20 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200u64.saturating_mul(1 << attempt.min(5)).min(5_000))
 }
 
+/// A depot of a request, checked once when the request arrives ([`Fetcher::depot_url`]): https
+/// (plain http only with `depot.allow_http`), a base URL without query or fragment, its path
+/// ending in `/`. Only the fetcher makes one, so code that holds one need not check it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepotUrl(Url);
+
+impl std::ops::Deref for DepotUrl {
+    type Target = Url;
+
+    fn deref(&self) -> &Url {
+        &self.0
+    }
+}
+
 /// A URL as it may be shown (tasks, logs, metrics): without `user:password@` (SPEC §5).
 pub fn redact(url: &Url) -> Url {
     let mut shown = url.clone();
@@ -666,21 +645,6 @@ fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String
         cur = err.source();
     }
     None
-}
-
-/// The error and its causes, without Rust's " (os error N)" suffixes.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = Some(e);
-    while let Some(inner) = cur {
-        let text = inner.to_string();
-        parts.push(match text.rfind(" (os error ") {
-            Some(i) if text.ends_with(')') => text[..i].to_owned(),
-            _ => text,
-        });
-        cur = inner.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -1,22 +1,21 @@
-//! vibstage agent library: everything behind `vibstaged` (the host daemon) and `vibstagectl`
-//! (the controller and admin tool). The binaries are thin mains over this crate.
+//! vibstage agent library: everything behind `vibstaged`, the host daemon that runs as root. The
+//! binary is a thin main over this crate. The controller (`vibstagectl`) is the `vibstage-ctl`
+//! crate; nothing here depends on it.
 //!
 //! Data flows one way: api → tasks → stage/remediate → fetch/verify → store. Lower layers never
 //! import higher ones.
 
 pub mod agent;
 pub mod api;
-pub mod cli;
-pub mod client;
 pub mod compliance;
 pub mod config;
 pub mod daemon;
 pub mod daemon_args;
-pub mod depot_server;
 pub mod fetch;
 pub mod fsutil;
+pub mod hook;
+pub mod install;
 pub mod metrics;
-pub mod pki;
 pub mod rate;
 pub mod remediate;
 pub mod server;

@@ -12,17 +12,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::StreamExt as _;
-use reqwest::Url;
 use time::OffsetDateTime;
 use vibstage_protocol::api::{
     DpuState, FirmwareState, ImageRef, Notification, SoftwareState, StagingState,
 };
-use vibstage_protocol::{
-    Digest, Envelope, ErrorCode, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget,
-};
+use vibstage_protocol::{Digest, ImageDigest, VerifiedImage, VibDescriptor, VibKind, VibTarget};
 
-use crate::fetch::{DepotCounter, FetchError, Fetcher, redact, store_code};
-use crate::store::{ImageRecord, StagedVib, Store, StoreError};
+use crate::fetch::{DepotCounter, DepotUrl, FetchError, Fetcher, redact};
+use crate::store::{ImageRecord, StagedVib, Store, StoreError, Stores};
 use crate::vib::VibIdentity;
 
 /// Errors of a staging run.
@@ -68,19 +65,6 @@ pub enum StageError {
         /// The blobs not there.
         missing: Vec<Digest>,
     },
-}
-
-impl StageError {
-    /// The API error code.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            StageError::NoSpace { .. } => ErrorCode::InsufficientSpace,
-            StageError::Fetch { source, .. } => source.code(),
-            StageError::Depot(source) => source.code(),
-            StageError::Store(e) => store_code(e),
-            StageError::Incomplete { .. } => ErrorCode::Internal,
-        }
-    }
 }
 
 /// The VIB a descriptor names, as a real VIB's own `descriptor.xml` must name it (issue 14).
@@ -151,46 +135,6 @@ pub struct StageProgress {
     pub downloaded: AtomicU64,
     /// What each depot of the request served, in the request's order (set when staging starts).
     pub depots: std::sync::OnceLock<Vec<DepotCounter>>,
-}
-
-/// The stores staging may use: scratch, and the volatile fallback if configured.
-#[derive(Debug)]
-pub struct Stores {
-    /// `scratch.path`: survives reboots.
-    pub persistent: Store,
-    /// `scratch.volatile_path`, if set.
-    pub volatile: Option<Store>,
-    /// Free space always left on a filesystem.
-    pub reserve_bytes: u64,
-}
-
-impl Stores {
-    /// Both stores, persistent first, with their persistence flag.
-    pub fn all(&self) -> impl Iterator<Item = (&Store, bool)> {
-        std::iter::once((&self.persistent, true)).chain(self.volatile.iter().map(|s| (s, false)))
-    }
-
-    /// The store holding an image's record, if any.
-    pub fn find(
-        &self,
-        digest: &ImageDigest,
-    ) -> Result<Option<(&Store, bool, ImageRecord)>, StoreError> {
-        for (store, persistent) in self.all() {
-            if let Some(r) = store.record(digest)? {
-                return Ok(Some((store, persistent, r)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Deletes an image's staged content wherever it is. Returns whether there was any.
-    pub fn remove(&self, digest: &ImageDigest) -> Result<bool, StoreError> {
-        let mut any = false;
-        for (store, _) in self.all() {
-            any |= store.remove_image(digest)?;
-        }
-        Ok(any)
-    }
 }
 
 /// The result of a successful staging run.
@@ -354,9 +298,8 @@ impl Stager {
     /// after an interrupted run resumes it.
     pub async fn stage(
         &self,
-        envelope: &Envelope,
         image: &VerifiedImage,
-        depots: &[Url],
+        depots: &[DepotUrl],
         installed: &BTreeSet<Digest>,
         host: &HostPolicy,
         progress: &StageProgress,
@@ -543,7 +486,7 @@ impl Stager {
                 serial: image.image.serial,
                 digest: image.digest,
             },
-            envelope: envelope.clone(),
+            envelope: image.envelope.clone(),
             vibs,
             firmware,
             dpu,

@@ -128,3 +128,24 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
     }
     names
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one PEM loader of the workspace (the controller and the test harness use it too)
+    /// names the file and what it should hold.
+    #[test]
+    fn loaders_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.pem");
+        let e = load_certs("client CA", &missing).expect_err("missing");
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+        assert!(e.to_string().contains("client CA"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        let e = load_certs("server certificate", &empty).expect_err("empty");
+        assert!(e.to_string().contains("no certificate"), "{e}");
+        assert!(load_key("server key", &empty).is_err());
+    }
+}

@@ -23,6 +23,7 @@
 //! whole harness; it measures the same things but its numbers mean nothing.
 
 pub mod agent;
+pub mod env;
 pub mod http;
 pub mod loadgen;
 pub mod nginx;
@@ -32,6 +33,7 @@ pub mod p4;
 pub mod p5;
 pub mod p6;
 pub mod p8;
+pub mod procfs;
 pub mod report;
 pub mod s1;
 pub mod setup;
@@ -40,8 +42,8 @@ pub mod tools;
 use std::io::Write;
 use std::path::PathBuf;
 
+pub use env::Env;
 pub use report::{Met, Row};
-pub use setup::Env;
 
 /// Why a benchmark could not run (setup failed, a tool or the agent misbehaved). A missed target
 /// is not an error: it is a row of the table.

@@ -50,11 +50,11 @@ impl Load {
 pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<rustls::ClientConfig>> {
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(format!("load generator TLS: {e}"));
     let mut roots = rustls::RootCertStore::empty();
-    for c in vibstage::pki::load_certs(ca).map_err(|e| setup(&e))? {
+    for c in vibstage::tls::load_certs("CA", ca).map_err(|e| setup(&e))? {
         roots.add(c).map_err(|e| setup(&e))?;
     }
-    let certs = vibstage::pki::load_certs(cert).map_err(|e| setup(&e))?;
-    let key = vibstage::pki::load_private_key(key).map_err(|e| setup(&e))?;
+    let certs = vibstage::tls::load_certs("client certificate", cert).map_err(|e| setup(&e))?;
+    let key = vibstage::tls::load_key("client key", key).map_err(|e| setup(&e))?;
     let config = rustls::ClientConfig::builder_with_provider(vibstage::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| setup(&e))?

@@ -1,7 +1,7 @@
 //! `vibstage-bench`: runs the benchmarks of `BENCHMARKS.md` and prints one table.
 //!
 //! ```text
-//! cargo build --release -p vibstage --bins
+//! cargo build --release -p vibstage -p vibstage-ctl --bins
 //! cargo run --release -p vibstage-bench -- all            # the full run (several minutes)
 //! cargo run --release -p vibstage-bench -- all --quick    # small sizes, seconds; numbers meaningless
 //! cargo run --release -p vibstage-bench -- p1 p6         # some figures only

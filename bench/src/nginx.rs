@@ -232,7 +232,7 @@ http {{
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         std::iter::once(pid)
             .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
-            .map(crate::agent::cpu_seconds)
+            .map(crate::procfs::cpu_seconds)
             .sum()
     }
 

@@ -18,8 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::agent::AgentSetup;
+use crate::env::{Env, ImageFile};
 use crate::report::{self, Met, Row, median};
-use crate::setup::{Env, ImageFile};
 use crate::{BenchError, Result, Sizes, say, tools};
 
 /// What P1 measured.

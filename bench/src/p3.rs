@@ -7,9 +7,10 @@
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::agent::{AgentSetup, bytes_under};
+use crate::agent::AgentSetup;
+use crate::env::Env;
+use crate::procfs::bytes_under;
 use crate::report::{self, Met, Row, median};
-use crate::setup::Env;
 use crate::{BenchError, Result, Sizes, say, tools};
 
 /// Runs P3.

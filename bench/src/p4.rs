@@ -24,8 +24,9 @@ use vibstage_protocol::{
 };
 
 use crate::agent::AgentSetup;
+use crate::env::Env;
 use crate::report::{self, Met, Row, median};
-use crate::setup::{Env, write_random};
+use crate::setup::write_random;
 use crate::{BenchError, Result, Sizes, say, tools};
 
 fn name(s: &str) -> Result<Name> {

@@ -9,8 +9,8 @@ use std::io::Write;
 use std::process::Command;
 
 use crate::agent::{Agent, AgentSetup};
+use crate::env::Env;
 use crate::report::{self, Met, Row, median};
-use crate::setup::Env;
 use crate::{BenchError, Result, Sizes, say, tools};
 
 fn unix_now() -> f64 {

@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::agent::AgentSetup;
+use crate::env::Env;
 use crate::loadgen::{self, Load, Shape};
 use crate::report::{self, Met, Row, median};
-use crate::setup::Env;
 use crate::{BenchError, Result, Sizes, say};
 
 /// Runs P6.

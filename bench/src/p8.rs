@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::agent::AgentSetup;
+use crate::env::{Env, ImageFile};
 use crate::report::{self, Met, Row, median};
-use crate::setup::{Env, ImageFile};
 use crate::{BenchError, Result, Sizes, p1, say, tools};
 
 /// A workload: a command line per process, all run at once; its figure is their wall time.

@@ -11,9 +11,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
-use crate::agent::{AgentSetup, cpu_seconds};
+use crate::agent::AgentSetup;
+use crate::env::Env;
+use crate::procfs::cpu_seconds;
 use crate::report::{self, Met, Row, median};
-use crate::setup::Env;
 use crate::{BenchError, Result, Sizes, say};
 
 /// Signatures in the hostile envelope.

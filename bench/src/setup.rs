@@ -3,7 +3,6 @@
 //! with `vibstagectl`'s library code (`depot add`, `image create`) and served by nginx.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -11,111 +10,15 @@ use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use time::OffsetDateTime;
-use vibstage::cli::depot::VibSpec;
-use vibstage::cli::image::{ComponentRef, ImageSpec};
-use vibstage::pki::{DevCa, Validity, issue_client, issue_server};
-use vibstage_protocol::{AcceptanceLevel, Digest, Version, VibKind, VibTarget};
+use vibstage_ctl::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::publish::depot::VibSpec;
+use vibstage_ctl::publish::image::{ComponentRef, ImageSpec};
+use vibstage_protocol::{AcceptanceLevel, Version, VibKind, VibTarget};
 
 use crate::agent::{Agent, AgentSetup};
+use crate::env::{Bins, Env, ImageFile};
 use crate::nginx::{self, Nginx};
 use crate::{BenchError, Options, Result, say};
-
-/// The binaries under test.
-#[derive(Debug, Clone)]
-pub struct Bins {
-    /// `vibstaged`.
-    pub vibstaged: PathBuf,
-    /// `vibstagectl`.
-    pub vibstagectl: PathBuf,
-}
-
-impl Bins {
-    /// Finds both in `dir`, or next to this executable (`target/<profile>/`, where cargo puts
-    /// every binary of the workspace).
-    pub fn find(dir: Option<&Path>) -> Result<Bins> {
-        let dir = match dir {
-            Some(d) => d.to_owned(),
-            None => {
-                let exe =
-                    std::env::current_exe().map_err(BenchError::io("find this executable"))?;
-                let mut dir = exe.parent().map(Path::to_owned).unwrap_or_default();
-                if dir.ends_with("deps") {
-                    dir.pop();
-                }
-                dir
-            }
-        };
-        let find = |name: &str| {
-            let p = dir.join(name);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(BenchError::Setup(format!(
-                    "{} not found: build it first (`cargo build --release -p vibstage --bins`, \
-                     or without --release for a debug bench), or pass --bin-dir",
-                    p.display()
-                )))
-            }
-        };
-        Ok(Bins {
-            vibstaged: find("vibstaged")?,
-            vibstagectl: find("vibstagectl")?,
-        })
-    }
-}
-
-/// A signed image written into the depot.
-#[derive(Debug, Clone)]
-pub struct ImageFile {
-    /// `images/<name>.json` in the depot.
-    pub path: PathBuf,
-    /// The envelope, as JSON (the body of a stage request).
-    pub envelope: serde_json::Value,
-    /// Its VIBs: depot file, digest, size.
-    pub vibs: Vec<(PathBuf, Digest, u64)>,
-}
-
-impl ImageFile {
-    /// Total bytes of its VIBs.
-    pub fn bytes(&self) -> u64 {
-        self.vibs.iter().map(|v| v.2).sum()
-    }
-
-    /// The depot URLs of its VIBs.
-    pub fn urls(&self, depot: &str) -> Vec<String> {
-        self.vibs
-            .iter()
-            .map(|(_, d, _)| format!("{depot}vibs/{}", d.to_hex()))
-            .collect()
-    }
-}
-
-/// Everything the figures share.
-#[derive(Debug)]
-pub struct Env {
-    /// The work directory (a `TempDir` unless `--dir` or `--keep`).
-    _temp: Option<tempfile::TempDir>,
-    /// Its path.
-    pub dir: PathBuf,
-    /// The binaries under test.
-    pub bins: Bins,
-    /// Signs images.
-    pub image_key: SigningKey,
-    /// Signs VIB descriptors.
-    pub vendor_key: SigningKey,
-    /// `ca.pem`, `client.pem`, `client.key` (vibstagectl's `--tls-dir`).
-    pub tls_dir: PathBuf,
-    /// The depot directory.
-    pub depot_dir: PathBuf,
-    /// nginx serving the depot.
-    pub nginx: Nginx,
-    /// The file nginx serves as `/v1/status` on its mTLS port (P6 writes a real status into it).
-    pub status_file: PathBuf,
-    /// Keep agents' directories (their logs) for inspection.
-    keep: bool,
-    /// Images already in the depot, by name, so that figures sharing one build it once.
-    images: RefCell<HashMap<String, ImageFile>>,
-}
 
 fn fresh_key() -> Result<SigningKey> {
     let mut seed = [0u8; 32];
@@ -259,7 +162,7 @@ impl Env {
         for i in 0..count {
             let file = src.join(format!("{name}-{i}.vib"));
             write_random(&file, &format!("{name}/{i}"), size)?;
-            let added = vibstage::cli::depot::add(
+            let added = vibstage_ctl::publish::depot::add(
                 &self.depot_dir,
                 &self.vendor_key,
                 &spec,
@@ -274,7 +177,7 @@ impl Env {
             vibs.push((a.blob.clone(), a.descriptor.sha256, a.descriptor.size));
         }
         let now = OffsetDateTime::now_utc();
-        let created = vibstage::cli::image::create(
+        let created = vibstage_ctl::publish::image::create(
             &self.depot_dir,
             &self.image_key,
             &ImageSpec {
@@ -289,6 +192,7 @@ impl Env {
             },
             &[self.vendor_key.verifying_key()],
             now,
+            &mut |_| {},
         )
         .map_err(|e| BenchError::Setup(format!("image create {name}: {e}")))?;
         let text = std::fs::read_to_string(&created.path)

@@ -11,9 +11,7 @@
 //! The same functions run over the seed corpora (`fuzz/seeds/<target>/`) in the default test
 //! suite (`tests/tests/fuzz_smoke.rs` includes this file as a module), so this file uses only
 //! crates that both the fuzz crate and the test crate depend on, and no `unwrap`. The config
-//! parser is reached as `super::agent_config`: in the fuzz crate that is `agent/src/config.rs`
-//! compiled in (so fuzz builds need none of the agent's network stack), in the test crate it is
-//! `vibstage::config` itself.
+//! parser is the protocol crate's (`vibstage_protocol::config`), the very one the agent uses.
 //!
 //! The trust store and clock are those of the protocol crate's fixtures
 //! (`protocol/tests/rules.rs`): image key `[1; 32]`, a partner vib key `[2; 32]`, a certified vib
@@ -23,8 +21,8 @@
 use std::path::Path;
 use std::sync::LazyLock;
 
-use super::agent_config::Config;
 use super::vib::{Bundle, Limits, PrefixCheck, VibIdentity, read_vib, sniff::Verdict};
+use vibstage_protocol::config::Config;
 
 use ed25519_dalek::SigningKey;
 use time::OffsetDateTime;
@@ -180,7 +178,7 @@ pub fn request_body(data: &[u8]) {
     }
 }
 
-/// `agent.toml`: parsed and validated by `vibstage::config::Config::parse`. An accepted
+/// `agent.toml`: parsed and validated by `vibstage_protocol::config::Config::parse`. An accepted
 /// configuration must satisfy what validation promises; a refused one must say why.
 pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {

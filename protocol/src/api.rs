@@ -466,3 +466,71 @@ pub struct StagedList {
     /// Staged images.
     pub staged: Vec<StagedImage>,
 }
+
+wire_names!(ComplianceStatus { Compliant => "compliant", NonCompliant => "non_compliant", Incompatible => "incompatible", Unknown => "unknown", Staged => "staged" });
+wire_names!(Impact { None => "none", MaintenanceMode => "maintenance_mode", Reboot => "reboot" });
+wire_names!(Change { Add => "add", Upgrade => "upgrade", Downgrade => "downgrade", Remove => "remove" });
+wire_names!(StagingState { None => "none", Staging => "staging", Staged => "staged", Partial => "partial", Failed => "failed" });
+wire_names!(SoftwareState { Staged => "staged", Missing => "missing", Staging => "staging", Failed => "failed" });
+wire_names!(FirmwareState { Staged => "staged", NotSupported => "not_supported", Failed => "failed", NotApplicable => "not_applicable", Missing => "missing" });
+wire_names!(DpuState { Staged => "staged", Missing => "missing", NotApplicable => "not_applicable" });
+wire_names!(TaskKind { Stage => "stage", Remediate => "remediate", Check => "check" });
+wire_names!(TaskState { Queued => "queued", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
+
+#[cfg(test)]
+mod wire_name_tests {
+    use super::*;
+    use crate::{VibKind, VibTarget};
+
+    fn serde_name<T: Serialize>(v: T) -> String {
+        serde_json::to_value(v)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// `as_str` is what serde writes, for every variant of every wire enum that has one.
+    #[test]
+    fn as_str_agrees_with_serde() {
+        macro_rules! check {
+            ($($v:expr),+ $(,)?) => { $(assert_eq!($v.as_str(), serde_name($v), "{:?}", $v);)+ };
+        }
+        use ComplianceStatus as C;
+        check!(
+            C::Compliant,
+            C::NonCompliant,
+            C::Incompatible,
+            C::Unknown,
+            C::Staged
+        );
+        check!(Impact::None, Impact::MaintenanceMode, Impact::Reboot);
+        check!(
+            Change::Add,
+            Change::Upgrade,
+            Change::Downgrade,
+            Change::Remove
+        );
+        use StagingState as S;
+        check!(S::None, S::Staging, S::Staged, S::Partial, S::Failed);
+        use SoftwareState as W;
+        check!(W::Staged, W::Missing, W::Staging, W::Failed);
+        use FirmwareState as F;
+        check!(
+            F::Staged,
+            F::NotSupported,
+            F::Failed,
+            F::NotApplicable,
+            F::Missing
+        );
+        check!(DpuState::Staged, DpuState::Missing, DpuState::NotApplicable);
+        check!(TaskKind::Stage, TaskKind::Remediate, TaskKind::Check);
+        use TaskState as T;
+        check!(T::Queued, T::Running, T::Succeeded, T::Failed, T::Cancelled);
+        check!(
+            VibKind::Software,
+            VibKind::Firmware,
+            VibTarget::Host,
+            VibTarget::Dpu
+        );
+    }
+}

@@ -190,3 +190,24 @@ impl VerifyError {
         }
     }
 }
+
+/// `text` without Rust's " (os error N)" suffix: an operator reads the system's words, the number
+/// adds nothing.
+pub fn without_os_error(text: String) -> String {
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_owned(),
+        _ => text,
+    }
+}
+
+/// An error and its causes, outermost first, joined with ": ", each [`without_os_error`]: the
+/// one way the agent's logs and the controller's messages show an error chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = Some(e);
+    while let Some(inner) = cur {
+        parts.push(without_os_error(inner.to_string()));
+        cur = inner.source();
+    }
+    parts.join(": ")
+}

@@ -5,7 +5,23 @@
 //! Everything a peer sends is parsed into validated types ([`Digest`], [`AcceptanceLevel`],
 //! [`Name`], …) so that code further in never sees an unchecked string.
 
+/// `as_str()` for a fieldless wire enum: the name serde writes (`snake_case`), without going
+/// through serde. `protocol/src/api.rs`'s tests check the two agree for every variant.
+macro_rules! wire_names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The name on the wire, as serde writes it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
 pub mod api;
+pub mod config;
 pub mod dsse;
 pub mod error;
 pub mod keys;

@@ -29,6 +29,9 @@ pub enum VibTarget {
     Dpu,
 }
 
+wire_names!(VibKind { Software => "software", Firmware => "firmware" });
+wire_names!(VibTarget { Host => "host", Dpu => "dpu" });
+
 fn yes() -> bool {
     true
 }

@@ -110,6 +110,9 @@ pub struct VerifiedImage {
     pub image: Image,
     /// Every VIB of every component, in image order.
     pub vibs: Vec<VerifiedVib>,
+    /// The signed envelope it was verified from, kept with it: what the agent stores and
+    /// resumes from is what was verified, and the two never travel apart.
+    pub envelope: Envelope,
 }
 
 /// A VIB descriptor whose signature was verified.
@@ -375,6 +378,7 @@ pub fn verify_image_content(
         digest: ImageDigest(Digest::of(&env.payload)),
         image,
         vibs,
+        envelope: env.clone(),
     })
 }
 

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
 use time::OffsetDateTime;
-use vibstage::cli::depot::VibSpec;
-use vibstage::cli::image::{ComponentRef, ImageSpec};
-use vibstage::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::pki::{DevCa, Validity, issue_client, issue_server};
+use vibstage_ctl::publish::depot::VibSpec;
+use vibstage_ctl::publish::image::{ComponentRef, ImageSpec};
+use vibstage_protocol::config::Config;
 use vibstage_protocol::{AcceptanceLevel, Envelope, VibKind, VibTarget};
 
 use crate::{Depot, TestPki};
@@ -119,7 +120,7 @@ pub struct AgentOptions {
     pub retries: Option<u32>,
     /// `scratch.concurrency` (default 4).
     pub concurrency: Option<usize>,
-    /// Extra TOML appended verbatim.
+    /// Extra TOML merged over the configuration (see [`merge_toml`]).
     pub extra: String,
 }
 
@@ -209,7 +210,7 @@ impl World {
                     maintenance_mode: true,
                     reboot_required: true,
                 };
-                let added = vibstage::cli::depot::add(
+                let added = vibstage_ctl::publish::depot::add(
                     &self.depot_dir,
                     &self.vendor_key,
                     &spec,
@@ -251,12 +252,13 @@ impl World {
                 .map(|c| c.parse::<ComponentRef>().expect("component"))
                 .collect(),
         };
-        let created = vibstage::cli::image::create(
+        let created = vibstage_ctl::publish::image::create(
             &self.depot_dir,
             &self.image_key,
             &spec,
             &[self.vendor_key.verifying_key()],
             OffsetDateTime::now_utc() - time::Duration::days(1),
+            &mut |_| {},
         )
         .expect("image create");
         let text = std::fs::read_to_string(created.path).expect("image file");
@@ -303,73 +305,31 @@ impl World {
             .volatile
             .clone()
             .unwrap_or_else(|| home.join("volatile").display().to_string());
-        let list = |v: &[String]| {
-            format!(
-                "[{}]",
-                v.iter()
-                    .map(|s| format!("{s:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        let config = format!(
-            r#"[agent]
-host_id = "{name}"
-state_dir = "{state}"
-
-[scratch]
-path = "{scratch}"
-volatile_path = "{volatile}"
-reserve_bytes = {reserve}
-concurrency = {concurrency}
-
-[listen]
-tcp = "127.0.0.1:{port}"
-socket = "{socket}"
-
-[tls]
-cert = "{home}/agent.pem"
-key = "{home}/agent.key"
-client_ca = "{tls}/ca.pem"
-operators = {operators}
-readers = {readers}
-
-[[trust.keys]]
-file = "{world}/image.pub"
-role = "image"
-
-[[trust.keys]]
-file = "{world}/vendor.pub"
-role = "vib"
-max_acceptance = "partner"
-
-[depot]
-ca = "{depot_ca}"
-timeout_secs = {timeout}
-retries = {retries}
-
-[host]
-dpus = {dpus}
-firmware_staging_vendors = {vendors}
-{extra}
-"#,
-            state = state_dir.display(),
-            scratch = scratch.display(),
-            reserve = opts.reserve_bytes,
-            concurrency = opts.concurrency.unwrap_or(4),
-            socket = home.join("api.sock").display(),
-            home = home.display(),
-            tls = self.tls_dir.display(),
-            operators = list(&opts.operators),
-            readers = list(&opts.readers),
-            world = self.dir.path().display(),
-            depot_ca = self.depot_pki.ca_pem_path().display(),
-            timeout = opts.timeout_secs.unwrap_or(5),
-            retries = opts.retries.unwrap_or(3),
-            dpus = list(&opts.dpus),
-            vendors = list(&opts.firmware_vendors),
-            extra = opts.extra,
+        let world = self.dir.path();
+        let host_id = name.parse().expect("agent name is a host id");
+        let mut config = Config::local(
+            host_id,
+            &home,
+            &world.join("image.pub"),
+            &world.join("vendor.pub"),
         );
+        config.agent.state_dir = state_dir.clone();
+        config.scratch.path = scratch.clone();
+        config.scratch.volatile_path = volatile.into();
+        config.scratch.reserve_bytes = opts.reserve_bytes;
+        config.scratch.concurrency = opts.concurrency.unwrap_or(4);
+        config.listen.tcp = format!("127.0.0.1:{port}");
+        config.tls.cert = home.join("agent.pem");
+        config.tls.key = home.join("agent.key");
+        config.tls.client_ca = self.tls_dir.join("ca.pem");
+        config.tls.operators = opts.operators.clone();
+        config.tls.readers = opts.readers.clone();
+        config.depot.ca = self.depot_pki.ca_pem_path().to_owned();
+        config.depot.timeout_secs = opts.timeout_secs.unwrap_or(5);
+        config.depot.retries = opts.retries.unwrap_or(3);
+        config.host.dpus = opts.dpus.clone();
+        config.host.firmware_staging_vendors = opts.firmware_vendors.clone();
+        let config = merge_toml(&config.to_toml().expect("config as TOML"), &opts.extra);
         std::fs::write(home.join("agent.toml"), config).expect("config");
         AgentProc {
             name: name.into(),
@@ -384,6 +344,33 @@ firmware_staging_vendors = {vendors}
             args: Vec::new(),
             child: None,
         }
+    }
+}
+
+/// `extra` (a TOML fragment: sections and keys) merged over the TOML document `base`: a key in
+/// both takes `extra`'s value, tables merge key by key. What the tests that add hooks or change
+/// a limit use instead of appending text, which would repeat a section.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+    let mut doc: toml::Table = base.parse().expect("base config is TOML");
+    merge(&mut doc, extra.parse().expect("extra config is TOML"));
+    toml::to_string(&doc).expect("config as TOML")
+}
+
+impl AgentProc {
+    /// Merges the TOML fragment `extra` into this agent's `agent.toml` (see [`merge_toml`]).
+    pub fn merge_config(&self, extra: &str) {
+        let config = std::fs::read_to_string(&self.config).expect("config");
+        std::fs::write(&self.config, merge_toml(&config, extra)).expect("config");
     }
 }
 

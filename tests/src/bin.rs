@@ -24,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
     assert!(
         path.is_file(),
         "binary `{name}` not found at {}: build it with `cargo test --workspace` \
-         (or `cargo build -p vibstage`)",
+         (or `cargo build -p vibstage -p vibstage-ctl`)",
         path.display()
     );
     path

@@ -21,7 +21,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use vibstage::pki::{DevCa, issue_server, load_certs, load_private_key};
+use vibstage::tls::{load_certs, load_key};
+use vibstage_ctl::pki::{DevCa, issue_server};
 
 /// One request the fake received.
 #[derive(Clone, Debug)]
@@ -167,7 +168,7 @@ fn server_config(ca: &DevCa, dir: &Path) -> Arc<ServerConfig> {
     std::fs::write(&key_path, cert.key_pem).expect("write key");
     std::fs::write(&ca_path, ca.cert_pem()).expect("write ca");
     let mut roots = rustls::RootCertStore::empty();
-    for c in load_certs(&ca_path).expect("ca") {
+    for c in load_certs("CA", &ca_path).expect("ca") {
         roots.add(c).expect("ca root");
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -179,8 +180,8 @@ fn server_config(ca: &DevCa, dir: &Path) -> Arc<ServerConfig> {
         .expect("versions")
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            load_certs(&cert_path).expect("cert"),
-            load_private_key(&key_path).expect("key"),
+            load_certs("certificate", &cert_path).expect("cert"),
+            load_key("key", &key_path).expect("key"),
         )
         .expect("server config");
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

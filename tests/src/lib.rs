@@ -15,6 +15,7 @@ pub mod bin;
 pub mod depot;
 pub mod fake_agent;
 pub mod fault_case;
+pub mod hostile;
 pub mod invariants;
 pub mod lazyfs;
 pub mod model;

@@ -6,7 +6,7 @@
 //! image. The refusals are one test each, named after the failure, and check both the exit code
 //! and the SPEC error code on stderr.
 //!
-//! The binary is `target/<profile>/vibstagectl`, built by `cargo build -p vibstage` or by
+//! The binary is `target/<profile>/vibstagectl`, built by `cargo build -p vibstage -p vibstage-ctl` or by
 //! `cargo test --workspace` (the agent package's own integration test makes cargo build it).
 
 use std::ffi::OsStr;
@@ -24,7 +24,7 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest as _, Sha256};
 use time::{Duration, OffsetDateTime};
-use vibstage::pki::{self, DevCa};
+use vibstage_ctl::pki::{self, DevCa};
 use vibstage_protocol::dsse::signing_key_from_pem;
 use vibstage_protocol::{Envelope, IMAGE_PAYLOAD_TYPE, Image};
 
@@ -38,7 +38,7 @@ fn vibstagectl() -> PathBuf {
     let bin = profile_dir.join("vibstagectl");
     assert!(
         bin.is_file(),
-        "{} is missing: build it first with `cargo build -p vibstage` \
+        "{} is missing: build it first with `cargo build -p vibstage -p vibstage-ctl` \
          (`cargo test --workspace` builds it too)",
         bin.display()
     );

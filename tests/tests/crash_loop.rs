@@ -360,9 +360,7 @@ fn stage_and_remediate_survive_sigkill_at_random_moments() {
             ..AgentOptions::default()
         },
     );
-    let config = std::fs::read_to_string(&agent.config).expect("config")
-        + &hooks(&hook_log, &marker, &agent.scratch);
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&hooks(&hook_log, &marker, &agent.scratch));
     agent.start();
     let depot = world.depot.url();
 
@@ -459,8 +457,7 @@ fn small_world(extra: impl FnOnce(&AgentProc) -> String) -> (World, AgentProc, E
     ]);
     let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
     let mut agent = world.agent("esx-01", AgentOptions::default());
-    let config = std::fs::read_to_string(&agent.config).expect("config") + &extra(&agent);
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&extra(&agent));
     agent.start();
     (world, agent, image)
 }

@@ -322,19 +322,20 @@ fn wrong_files_are_named_with_what_they_are() {
     assert!(!err.contains("UTF-8"), "{err}");
 
     // An image signed with the vendor's key, which the agent trusts only for descriptors.
-    let spec = vibstage::cli::image::ImageSpec {
+    let spec = vibstage_ctl::publish::image::ImageSpec {
         name: "esx-8.0u2".parse().expect("name"),
         serial: 1,
         expires: time::OffsetDateTime::now_utc() + time::Duration::days(30),
         base_image: vibstage_protocol::version::Version("8.0.2-0.20".into()),
         components: vec!["ESXi=8.0.2-0.20".parse().expect("component")],
     };
-    let created = vibstage::cli::image::create(
+    let created = vibstage_ctl::publish::image::create(
         &world.depot_dir,
         &world.vendor_key,
         &spec,
         &[world.vendor_key.verifying_key()],
         time::OffsetDateTime::now_utc() - time::Duration::days(1),
+        &mut |_| {},
     )
     .expect("create");
     let image = created.path.to_str().expect("utf8").to_owned();

@@ -2,7 +2,7 @@
 //!
 //! 1. `seed_corpora_pass_the_fuzz_entry_points`: every file of the seed corpora in
 //!    `fuzz/seeds/<target>/` goes through the very functions the cargo-fuzz targets call
-//!    (`fuzz/src/entries.rs`, included below), here with the agent's real `vibstage::config`.
+//!    (`fuzz/src/entries.rs`, included below).
 //!    This always runs, needs no extra tool, and replays any crash input added to the seeds.
 //! 2. `cargo_fuzz_short_run`: builds the cargo-fuzz targets and runs each for a few seconds
 //!    (`VIBSTAGE_FUZZ_SECS`, default 5) with libFuzzer and AddressSanitizer, on the stable
@@ -17,7 +17,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vibstage::config as agent_config;
 use vibstage::vib;
 
 #[path = "../../fuzz/src/entries.rs"]

@@ -390,8 +390,7 @@ command = ["sh", "-c", "test ! -e {f}/install-hangs || sleep 30; test ! -e {f}/i
 "#
             ));
         }
-        let config = std::fs::read_to_string(&agent.config).expect("config") + &extra;
-        std::fs::write(&agent.config, config).expect("config");
+        agent.merge_config(&extra);
         agent.start();
         let mut sut = Sut {
             u,

@@ -1,7 +1,7 @@
 //! Regression tests for the defects an outside review found in the agent (issue 11), each named
 //! after the failure it prevents and each failing on the code before its fix. The interop and
 //! denial-of-service items live beside the tests of their area (`packaging.rs`, `cli_tools.rs`,
-//! `hostile_clients.rs`, `api.rs`); RELIABILITY.md lists every one.
+//! `hostile_{tls,socket,http,content}.rs`, `api.rs`); RELIABILITY.md lists every one.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -227,8 +227,7 @@ command = ["sh", "-c", "echo install >> {log} && mount --bind {state} {state} &&
 "#,
         log = log.display(),
     );
-    let config = std::fs::read_to_string(&agent.config).expect("config") + &extra;
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&extra);
     agent.start();
     let done = remediate(&agent, &image, &world.depot.url());
     let unmount = Command::new("umount")

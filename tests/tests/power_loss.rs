@@ -91,19 +91,17 @@ impl Host {
                 ..AgentOptions::default()
             },
         );
-        let config = std::fs::read_to_string(&agent.config).expect("config")
-            + &format!(
-                r#"
+        agent.merge_config(&format!(
+            r#"
 [maintenance]
 enter = ["sh", "-c", "echo enter $(ls {blobs} | wc -l) >> {log}; touch {marker}"]
 exit = ["sh", "-c", "rm -f {marker}; echo exit >> {log}"]
 timeout_secs = 30
 "#,
-                blobs = scratch.join("blobs/sha256").display(),
-                log = hook_log.display(),
-                marker = marker.display(),
-            );
-        std::fs::write(&agent.config, config).expect("config");
+            blobs = scratch.join("blobs/sha256").display(),
+            log = hook_log.display(),
+            marker = marker.display(),
+        ));
         agent.start();
         let status = agent.status();
         assert_eq!(

@@ -22,10 +22,7 @@ fn staging_never_goes_faster_than_the_configured_rate() {
             ..AgentOptions::default()
         },
     );
-    let config = std::fs::read_to_string(&agent.config)
-        .expect("config")
-        .replace("[depot]\n", "[depot]\nmax_bytes_per_sec = 524288\n");
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config("[depot]\nmax_bytes_per_sec = 524288\n");
     agent.start();
     let start = Instant::now();
     let task = agent.stage_and_wait(&image, &world.depot.url());
@@ -44,10 +41,7 @@ fn staging_never_goes_faster_than_the_configured_rate() {
 fn a_rate_limit_too_low_to_stage_anything_is_refused_by_check_config() {
     let world = World::new();
     let agent = world.agent("esx-01", AgentOptions::default());
-    let config = std::fs::read_to_string(&agent.config)
-        .expect("config")
-        .replace("[depot]\n", "[depot]\nmax_bytes_per_sec = 1000\n");
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config("[depot]\nmax_bytes_per_sec = 1000\n");
     let out = Command::new(vibstaged())
         .arg("--config")
         .arg(&agent.config)

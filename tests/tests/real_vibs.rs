@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser as _;
-use vibstage::cli::{Cli, run};
+use vibstage_ctl::cli::{Cli, run};
 use vibstage_e2e::vibs::{BundleBuild, ComponentBuild, ReleaseBuild, VibBuild};
 use vibstage_e2e::{AgentOptions, World};
 use vibstage_protocol::dsse::signing_key_to_pem;
@@ -388,8 +388,7 @@ fn install_command_gets_real_vib_file_names() {
         "\n[install]\ncommand = [\"sh\", \"-c\", \"for v; do echo $(basename $v) $(head -c 8 $v | tr -d '\\\\n'); done >> {}\", \"install\"]\n",
         log.display()
     );
-    let config = std::fs::read_to_string(&agent.config).expect("config") + &hook;
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&hook);
     let mut agent = agent;
     agent.start();
     let r = agent.request(

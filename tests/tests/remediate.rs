@@ -53,8 +53,7 @@ fn agent_with_hooks(
         },
     );
     extra = extra.replace("SCRATCH", &agent.scratch.display().to_string());
-    let config = std::fs::read_to_string(&agent.config).expect("config") + &extra;
-    std::fs::write(&agent.config, config).expect("config");
+    agent.merge_config(&extra);
     (agent, log, fail)
 }
 

@@ -84,7 +84,7 @@ async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
 /// of large signed bodies cannot take every core (issue 11, item 6).
 async fn off_worker<T: Send + 'static>(
     agent: &Agent,
-    f: impl FnOnce() -> Result<T, crate::agent::AgentError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, crate::agent::LifecycleError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let _slot = agent.verification_slots().acquire().await.map_err(|e| {
         ApiError::new(
@@ -237,19 +237,7 @@ pub async fn metrics(State(s): State<ApiState>) -> Response {
         .agent
         .task_counts()
         .into_iter()
-        .map(|((k, st), n)| {
-            (
-                serde_json::to_value(k)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                serde_json::to_value(st)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                n,
-            )
-        })
+        .map(|((k, st), n)| (k.as_str().to_owned(), st.as_str().to_owned(), n))
         .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

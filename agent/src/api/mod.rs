@@ -18,7 +18,7 @@ use axum::routing::{delete, get, post};
 use http::Method;
 use vibstage_protocol::ErrorCode;
 
-pub use error::ApiError;
+pub use error::{ApiError, detail_of};
 pub use long_poll::PER_CLIENT as LONG_POLLS_PER_CLIENT;
 
 use crate::agent::Agent;

@@ -2,29 +2,23 @@
 //! demo` uses to serve the depot it builds, on loopback, without asking the operator for nginx.
 //!
 //! It is tower-http's `ServeDir` (GET and HEAD, `Range` requests with `206 Partial Content`,
-//! `Last-Modified`, no directory listings, `..` refused) behind a tokio-rustls accept loop with a
-//! server certificate the caller names; no client certificate is asked for, since depot content
-//! is signed and checked by the agent either way. It is not tuned to be a production depot:
+//! `Last-Modified`, no directory listings, `..` refused) served by the agent's own accept loop
+//! (`vibstage::server::serve`: handshake and connection limits, timeouts, graceful shutdown)
+//! with a server certificate the caller names; no client certificate is asked for, since depot
+//! content is signed and checked by the agent either way. It is not tuned to be a production depot:
 //! fleets serve their depot from a real web server or a CDN.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tower_http::services::ServeDir;
 
-use crate::tls::{TlsError, load_certs, load_key, provider};
-
-/// Time allowed for a TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for a request's headers to arrive.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+use vibstage::server::{Listener, serve};
+use vibstage::tls::{TlsError, load_certs, load_key, provider};
 
 /// Why the depot server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +104,9 @@ impl DepotServer {
             .local_addr()
             .map_err(|source| DepotServerError::Bind { addr, source })?;
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, tls, root.to_owned(), rx));
+        let app = axum::Router::new().fallback_service(ServeDir::new(root));
+        let listener = Listener::Tcp(listener, Arc::new(RwLock::new(tls)));
+        let task = tokio::spawn(serve(listener, app, rx));
         Ok(DepotServer {
             addr,
             shutdown,
@@ -144,59 +140,6 @@ impl Drop for DepotServer {
             task.abort();
         }
     }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    root: PathBuf,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let files = ServeDir::new(root);
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => break,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "depot server: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (acceptor, files, mut shutdown) = (acceptor.clone(), files.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "depot server: TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let connection =
-                builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(files));
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
-                }
-            }
-        });
-        while connections.try_join_next().is_some() {}
-    }
-    while connections.join_next().await.is_some() {}
 }
 
 #[cfg(test)]

@@ -729,10 +729,7 @@ fn total_style() -> ProgressStyle {
 
 /// A task's state as a word.
 fn state_word(task: &Task) -> String {
-    serde_json::to_value(task.state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
+    task.state.as_str().to_owned()
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ use std::io::{self, BufReader, Write};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use clap::{Subcommand, ValueEnum};
 use ed25519_dalek::SigningKey;
 use sha2::{Digest as _, Sha256};
 use vibstage_protocol::version::Version;
@@ -23,99 +22,13 @@ use vibstage_protocol::{
     AcceptanceLevel, Digest, Envelope, Name, VIB_PAYLOAD_TYPE, VibDescriptor, VibKind, VibTarget,
 };
 
-use super::{
-    CliError, Context, Existing, emit, emit_json, ensure_dir, io_message, load_signing_key,
-    sync_dir, write_file,
-};
+use crate::error::{CliError, io_message};
+use crate::files::{Existing, ensure_dir, sync_dir, write_file};
 
 /// Mode of depot directories: readable and searchable by the web server.
 pub(crate) const DIR_MODE: u32 = 0o755;
 /// Mode of depot files: readable by the web server.
 pub(crate) const FILE_MODE: u32 = 0o644;
-
-/// Arguments of `depot`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: DepotCommand,
-}
-
-/// The `depot` subcommands.
-#[derive(Debug, Subcommand)]
-#[non_exhaustive]
-pub enum DepotCommand {
-    /// Copy VIB files into the depot by digest and write their signed descriptors.
-    Add(AddArgs),
-    /// Import real ESXi content (.vib files, offline bundles) after checking every payload.
-    Import(super::import::ImportArgs),
-}
-
-/// `--kind` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum KindArg {
-    /// Host software.
-    Software,
-    /// Hardware firmware.
-    Firmware,
-}
-
-/// `--target` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TargetArg {
-    /// The host itself.
-    Host,
-    /// The host's DPUs.
-    Dpu,
-}
-
-/// Arguments of `depot add`.
-#[derive(Debug, clap::Args)]
-pub struct AddArgs {
-    /// The depot directory (created if missing).
-    #[arg(long, value_name = "DIR")]
-    pub depot: PathBuf,
-    /// Private key (PKCS#8 PEM) that signs the descriptors: a `vib` key of the trust store.
-    #[arg(long, value_name = "K")]
-    pub key: PathBuf,
-    /// Component the VIBs belong to.
-    #[arg(long, value_name = "C")]
-    pub component: Name,
-    /// That component's version.
-    #[arg(long, value_name = "V")]
-    pub component_version: String,
-    /// Vendor (for firmware, the hardware vendor that hosts list in firmware_staging_vendors).
-    #[arg(long, value_name = "X")]
-    pub vendor: String,
-    /// Acceptance level: certified, accepted, partner or community.
-    #[arg(long, value_name = "L")]
-    pub acceptance: AcceptanceLevel,
-    /// Software or firmware.
-    #[arg(long, value_enum, default_value = "software")]
-    pub kind: KindArg,
-    /// Installed on the host or on its DPUs.
-    #[arg(long, value_enum, default_value = "host")]
-    pub target: TargetArg,
-    /// VIB name [default: the file name without its extension]; only with a single FILE.
-    #[arg(long, value_name = "N")]
-    pub name: Option<Name>,
-    /// VIB version [default: the component version].
-    #[arg(long, value_name = "V")]
-    pub version: Option<String>,
-    /// Installing these VIBs does not need maintenance mode.
-    #[arg(long)]
-    pub no_maintenance_mode: bool,
-    /// Installing these VIBs does not need a reboot.
-    #[arg(long)]
-    pub no_reboot_required: bool,
-    /// Rewrite the descriptor of a file already in the depot with other fields (images built
-    /// from the old descriptor stop matching it).
-    #[arg(long)]
-    pub replace: bool,
-    /// The VIB files.
-    #[arg(value_name = "FILE", required = true)]
-    pub files: Vec<PathBuf>,
-}
 
 /// The descriptor fields shared by every file of one `depot add`.
 #[derive(Debug, Clone)]
@@ -212,17 +125,9 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// sha256 and length of a file already on disk, streamed.
+/// sha256 and length of a file already on disk (which may be a symbolic link), streamed.
 fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut writer = HashingWriter {
-        inner: io::sink(),
-        hasher: Sha256::new(),
-    };
-    let size = io::copy(
-        &mut BufReader::with_capacity(1 << 16, File::open(path)?),
-        &mut writer,
-    )?;
-    Ok((Digest::from_bytes(writer.hasher.finalize().into()), size))
+    vibstage::store::hash_reader(File::open(path)?, 1 << 16)
 }
 
 /// Streams `file` into `vibs/` under its digest. Returns the digest, size and whether an
@@ -352,10 +257,7 @@ pub fn add_with(
                         old.component,
                         old.component_version,
                         old.vendor,
-                        serde_json::to_value(old.kind)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        old.kind.as_str(),
                         descriptors
                             .join(format!("{}.json", digest.to_hex()))
                             .display(),
@@ -393,64 +295,6 @@ pub fn add_with(
         });
     }
     Ok(added)
-}
-
-/// Runs `depot`.
-pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
-    match args.command {
-        DepotCommand::Import(a) => {
-            let key = load_signing_key(&a.key)?;
-            let imported = super::import::import(&a.depot, &key, a.max_acceptance, &a.files)?;
-            super::import::report(&imported, ctx.json, out)
-        }
-        DepotCommand::Add(a) => {
-            let key = load_signing_key(&a.key)?;
-            let spec = VibSpec {
-                component: a.component,
-                component_version: Version(a.component_version),
-                vendor: a.vendor,
-                acceptance: a.acceptance,
-                kind: match a.kind {
-                    KindArg::Software => VibKind::Software,
-                    KindArg::Firmware => VibKind::Firmware,
-                },
-                target: match a.target {
-                    TargetArg::Host => VibTarget::Host,
-                    TargetArg::Dpu => VibTarget::Dpu,
-                },
-                version: a.version.map(Version),
-                maintenance_mode: !a.no_maintenance_mode,
-                reboot_required: !a.no_reboot_required,
-            };
-            let added = add_with(&a.depot, &key, &spec, a.name.as_ref(), &a.files, a.replace)?;
-            if ctx.json {
-                let list: Vec<serde_json::Value> = added
-                    .iter()
-                    .map(|v| {
-                        serde_json::json!({
-                            "name": v.descriptor.name,
-                            "sha256": v.descriptor.sha256,
-                            "size": v.descriptor.size,
-                            "blob": v.blob,
-                            "descriptor": v.descriptor_path,
-                            "already_present": v.already_present,
-                        })
-                    })
-                    .collect();
-                return emit_json(out, &serde_json::Value::Array(list));
-            }
-            for v in &added {
-                emit(
-                    out,
-                    format_args!(
-                        "{} {} {}",
-                        v.descriptor.name, v.descriptor.sha256, v.descriptor.size
-                    ),
-                )?;
-            }
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]

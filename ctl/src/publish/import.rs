@@ -3,7 +3,7 @@
 //! Each argument is a `.vib` (an ar archive) or an offline bundle (a zip), told apart by their
 //! first bytes. The import runs in two phases so that a refusal writes nothing at all:
 //!
-//! 1. Check: every VIB is streamed once through [`crate::vib::read_vib`] (ar container,
+//! 1. Check: every VIB is streamed once through [`vibstage::vib::read_vib`] (ar container,
 //!    `descriptor.xml`, every payload checksum), bundles are checked against their metadata,
 //!    and every vibstage descriptor is derived and validated — name, version, vendor and
 //!    acceptance from the VIB, component from the bundle's bulletins (a lone `.vib` is its own
@@ -30,27 +30,10 @@ use vibstage_protocol::{
     VibTarget,
 };
 
-use super::depot::{DIR_MODE, FILE_MODE};
-use super::{CliError, Existing, ensure_dir, io_message, sync_dir, write_file};
-use crate::vib::{Bundle, Limits, Vib, VibError, read_vib};
-
-/// Arguments of `depot import`.
-#[derive(Debug, clap::Args)]
-pub struct ImportArgs {
-    /// The depot directory (created if missing).
-    #[arg(long, value_name = "DIR")]
-    pub depot: PathBuf,
-    /// Private key (PKCS#8 PEM) that signs the descriptors: a `vib` key of the trust store.
-    #[arg(long, value_name = "K")]
-    pub key: PathBuf,
-    /// The highest acceptance level the agents trust this key for (its `max_acceptance`);
-    /// VIBs declaring a higher level are refused.
-    #[arg(long, value_name = "L", default_value = "partner")]
-    pub max_acceptance: AcceptanceLevel,
-    /// `.vib` files and offline bundles (`.zip`).
-    #[arg(value_name = "FILE.vib|BUNDLE.zip", required = true)]
-    pub files: Vec<PathBuf>,
-}
+use crate::error::{CliError, io_message};
+use crate::files::{Existing, ensure_dir, sync_dir, write_file};
+use crate::publish::depot::{DIR_MODE, FILE_MODE};
+use vibstage::vib::{Bundle, Limits, Vib, VibError, read_vib};
 
 /// What happened to one VIB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +228,7 @@ pub fn import(
             .map_err(|e| CliError::config("VIB or bundle", path, io_message(&e)))?;
         drop(file);
         let shown = path.display().to_string();
-        if head[..n] == *crate::vib::ar::MAGIC {
+        if head[..n] == *vibstage::vib::ar::MAGIC {
             let vib = read_vib(io::BufReader::new(open(path)?), &limits)
                 .map_err(|e| refused(&shown, &e))?;
             let descriptor = derive(&shown, &vib, None, &[], max_acceptance)?;
@@ -294,7 +277,7 @@ pub fn import(
     let mut copies = Vec::new();
     for p in &planned {
         let dest = vibs.join(p.descriptor.sha256.to_hex());
-        let present = crate::store::hash_file(&dest).is_ok_and(|d| d == p.descriptor.sha256);
+        let present = vibstage::store::hash_file(&dest).is_ok_and(|d| d == p.descriptor.sha256);
         if present || copies.iter().any(|(d, _)| *d == dest) {
             continue;
         }
@@ -352,61 +335,6 @@ pub fn import(
         });
     }
     Ok(out)
-}
-
-/// Prints what [`import`] did, one line per VIB (or JSON).
-pub fn report(imported: &[ImportedVib], json: bool, out: &mut dyn Write) -> Result<(), CliError> {
-    if json {
-        let list: Vec<serde_json::Value> = imported
-            .iter()
-            .map(|v| {
-                serde_json::json!({
-                    "source": v.source,
-                    "vib_id": v.vib_id,
-                    "outcome": v.outcome.as_str(),
-                    "descriptor": v.descriptor,
-                })
-            })
-            .collect();
-        return super::emit_json(out, &serde_json::Value::Array(list));
-    }
-    for v in imported {
-        let d = &v.descriptor;
-        super::emit(
-            out,
-            format_args!(
-                "{:<18} {} {} ({}, component {} {}, {} {}, {}) sha256:{}",
-                v.outcome.as_str(),
-                d.name,
-                d.version,
-                d.vendor,
-                d.component,
-                d.component_version,
-                serde_json::to_value(d.kind)
-                    .ok()
-                    .and_then(|k| k.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                serde_json::to_value(d.target)
-                    .ok()
-                    .and_then(|k| k.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                d.acceptance,
-                d.sha256
-            ),
-        )?;
-    }
-    let new = imported
-        .iter()
-        .filter(|v| v.outcome != Outcome::AlreadyPresent)
-        .count();
-    super::emit(
-        out,
-        format_args!(
-            "{} VIB(s): {new} written, {} already present",
-            imported.len(),
-            imported.len() - new
-        ),
-    )
 }
 
 /// The base image version (if the bundle has one) and the `(component, version)` pairs.

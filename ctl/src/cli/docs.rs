@@ -41,7 +41,7 @@ const MANUAL: &str = "vibstage manual";
 fn programs() -> [(clap::Command, &'static str); 2] {
     [
         (super::Cli::command(), "1"),
-        (crate::daemon_args::Args::command(), "8"),
+        (vibstage::daemon_args::Args::command(), "8"),
     ]
 }
 

@@ -11,14 +11,13 @@
 //! chain to the `ca.pem` on disk.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer,
     KeyPair, KeyUsagePurpose,
 };
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
 
 /// Common-name prefix of development CAs.
@@ -43,25 +42,6 @@ pub enum PkiError {
         /// rcgen's reason.
         #[source]
         source: rcgen::Error,
-    },
-    /// A PEM file could not be read or parsed.
-    #[error("failed to read {what} {}: {source}", path.display())]
-    Pem {
-        /// What the file should hold.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The reader's reason.
-        #[source]
-        source: rustls_pki_types::pem::Error,
-    },
-    /// A PEM file holds no item of the expected kind.
-    #[error("{} holds no {what}", path.display())]
-    Empty {
-        /// What it should hold.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
     },
     /// A CA certificate/key pair is not one this module can issue from.
     #[error("cannot issue from this CA: {0}")]
@@ -325,41 +305,6 @@ pub fn common_name(pem: &str) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
-/// Every certificate in a PEM file, in order (leaf first for a chain). An empty file is an error.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let pem_error = |source| PkiError::Pem {
-        what: "certificates",
-        path: path.to_owned(),
-        source,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(pem_error)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_error)?;
-    if certs.is_empty() {
-        return Err(PkiError::Empty {
-            what: "certificate",
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-/// The first private key (PKCS#8, SEC1 or PKCS#1) in a PEM file.
-pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| match source {
-        rustls_pki_types::pem::Error::NoItemsFound => PkiError::Empty {
-            what: "private key",
-            path: path.to_owned(),
-        },
-        source => PkiError::Pem {
-            what: "private key",
-            path: path.to_owned(),
-            source,
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,19 +381,5 @@ mod tests {
         );
         assert_eq!(server_sans("127.0.0.1"), ["127.0.0.1", "localhost", "::1"]);
         assert_eq!(server_sans("0:0::1"), ["0:0::1", "localhost", "127.0.0.1"]);
-    }
-
-    #[test]
-    fn loaders_name_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let missing = dir.path().join("nope.pem");
-        let e = load_certs(&missing).expect_err("missing");
-        assert!(e.to_string().contains("nope.pem"), "{e}");
-        let empty = dir.path().join("empty.pem");
-        std::fs::write(&empty, "").expect("write");
-        assert!(matches!(
-            load_private_key(&empty),
-            Err(PkiError::Empty { .. })
-        ));
     }
 }

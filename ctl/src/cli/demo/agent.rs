@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use vibstage_protocol::ErrorCode;
 use vibstage_protocol::api::HostStatus;
+use vibstage_protocol::config::Config;
+use vibstage_protocol::{ErrorCode, HostId};
 
 use super::{BIOS, Demo, Failure, HOST, at, cli_failure, client_failure, ensure};
 use crate::cli::io_message;
@@ -19,16 +20,6 @@ use crate::client::{AgentClient, HostAddr};
 pub(super) const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Lines of the agent log shown when a step fails.
 const LOG_TAIL: usize = 20;
-
-/// A TOML string literal (quoted and escaped).
-fn toml_str(text: &str) -> String {
-    toml::Value::String(text.to_owned()).to_string()
-}
-
-/// A path as a TOML string literal.
-fn toml_path(path: &Path) -> String {
-    toml_str(&path.display().to_string())
-}
 
 /// The real `vibstaged` process of the demo. Dropping it stops the process.
 pub(super) struct AgentProcess {
@@ -138,38 +129,39 @@ impl Demo<'_> {
             PathBuf::new()
         };
         let hook = |what: &str| {
-            format!(
-                "[\"sh\", \"-c\", \"echo \\\"$(date +%H:%M:%S) $1\\\" >> \\\"$0\\\"\", {}, {}]",
-                toml_path(&home.join("maintenance.log")),
-                toml_str(what)
-            )
+            vec![
+                "sh".to_owned(),
+                "-c".to_owned(),
+                "echo \"$(date +%H:%M:%S) $1\" >> \"$0\"".to_owned(),
+                home.join("maintenance.log").display().to_string(),
+                what.to_owned(),
+            ]
         };
+        let host_id: HostId = HOST.parse().map_err(at(step))?;
+        let mut config = Config::local(
+            host_id,
+            &home,
+            &self.path(&["keys", "image.pub"]),
+            &self.path(&["keys", "vendor.pub"]),
+        );
+        config.scratch.reserve_bytes = 16 << 20;
+        config.listen.tcp = format!("127.0.0.1:{port}");
+        config.listen.socket = socket;
+        config.tls.cert = tls.join(format!("{HOST}.pem"));
+        config.tls.key = tls.join(format!("{HOST}.key"));
+        config.tls.client_ca = tls.join("ca.pem");
+        config.depot.ca = tls.join("ca.pem");
+        config.depot.timeout_secs = 10;
+        config.depot.retries = 2;
+        config.host.dpus = vec!["dpu0".to_owned()];
+        config.host.firmware_staging_vendors = vec![BIOS.2.to_owned()];
+        config.maintenance.enter = hook("entered maintenance mode");
+        config.maintenance.exit = hook("left maintenance mode");
+        config.maintenance.timeout_secs = 30;
         let config = format!(
-            "# Written by `vibstagectl demo`: every path is inside the demo folder.\n\
-             [agent]\nhost_id = {host}\nstate_dir = {state}\n\n\
-             [scratch]\npath = {scratch}\nvolatile_path = {volatile}\nreserve_bytes = {reserve}\n\n\
-             [listen]\ntcp = \"127.0.0.1:{port}\"\nsocket = {socket}\n\n\
-             [tls]\ncert = {cert}\nkey = {key}\nclient_ca = {ca}\n\n\
-             [[trust.keys]]\nfile = {image_pub}\nrole = \"image\"\n\n\
-             [[trust.keys]]\nfile = {vendor_pub}\nrole = \"vib\"\nmax_acceptance = \"partner\"\n\n\
-             [depot]\nca = {ca}\ntimeout_secs = 10\nretries = 2\n\n\
-             [host]\ndpus = [\"dpu0\"]\nfirmware_staging_vendors = [{vendor}]\n\n\
-             [maintenance]\nenter = {enter}\nexit = {exit}\ntimeout_secs = 30\n\n\
-             [install]\ncommand = []   # the built-in installer (state_dir/bootbank)\n",
-            host = toml_str(HOST),
-            state = toml_path(&home.join("state")),
-            scratch = toml_path(&home.join("scratch")),
-            volatile = toml_path(&home.join("volatile")),
-            reserve = 16u64 << 20,
-            socket = toml_path(&socket),
-            cert = toml_path(&tls.join(format!("{HOST}.pem"))),
-            key = toml_path(&tls.join(format!("{HOST}.key"))),
-            ca = toml_path(&tls.join("ca.pem")),
-            image_pub = toml_path(&self.path(&["keys", "image.pub"])),
-            vendor_pub = toml_path(&self.path(&["keys", "vendor.pub"])),
-            vendor = toml_str(BIOS.2),
-            enter = hook("entered maintenance mode"),
-            exit = hook("left maintenance mode"),
+            "# Written by `vibstagectl demo`: every path is inside the demo folder; install.command\n\
+             # is not set, so the agent uses its built-in installer (state_dir/bootbank).\n{}",
+            config.to_toml().map_err(at(step))?
         );
         let config_path = home.join("agent.toml");
         crate::cli::write_file(
@@ -273,17 +265,5 @@ impl Demo<'_> {
             .code()
             .map_or_else(|| status.to_string(), |c| format!("exit {c}"));
         Ok((pid, how, new_pid))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn toml_strings_are_escaped() {
-        let text = format!("a = {}", toml_path(Path::new("/tmp/we\"ird\\dir")));
-        let parsed: toml::Table = toml::from_str(&text).expect("toml");
-        assert_eq!(parsed["a"].as_str(), Some("/tmp/we\"ird\\dir"));
     }
 }

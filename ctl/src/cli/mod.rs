@@ -1,6 +1,6 @@
 //! `vibstagectl`: the controller, depot-owner and local-admin tool of SPEC §3, as library code.
 //!
-//! The binary is `fn main() -> ExitCode { vibstage::cli::main() }`. Everything else lives here:
+//! The binary is `fn main() -> ExitCode { vibstage_ctl::cli::main() }`. Everything else lives here:
 //! [`Cli`] is the clap grammar (global target flags plus one [`Command`] variant per subcommand),
 //! [`run`] dispatches to one file per subcommand, and [`CliError::exit_code`] is the single place
 //! where failures become the SPEC's exit codes (0 ok, 1 operation failed or cut off by
@@ -19,20 +19,23 @@ pub mod escape;
 mod fanout;
 pub mod hosts;
 pub mod image;
-pub mod import;
 pub mod keygen;
 
 use std::ffi::OsString;
-use std::fs::{self, File, Permissions};
 use std::io::{self, Write};
 use std::num::NonZeroUsize;
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use vibstage_protocol::ErrorCode;
+
+pub use crate::error::CliError;
+pub(crate) use crate::error::io_message;
+pub(crate) use crate::files::{
+    Existing, ensure_dir, load_signing_key, load_verifying_key, parent_dir, read_config_text,
+    with_suffix, write_file,
+};
 
 /// Where the local agent listens unless `--socket` says otherwise (SPEC §4 `socket`).
 pub const DEFAULT_SOCKET: &str = "/run/vibstage/vibstaged.sock";
@@ -223,98 +226,6 @@ pub struct Context {
     pub command: &'static str,
 }
 
-/// Why `vibstagectl` failed. Each variant maps to one exit code in [`CliError::exit_code`].
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CliError {
-    /// The command line asks for something impossible (exit 2).
-    #[error("{0}")]
-    Usage(String),
-    /// An input the operator named (key, certificate, directory) cannot be used (exit 2).
-    #[error("failed to read {what} {}: {detail}", path.display())]
-    Config {
-        /// What the file is, for the message ("key", "CA certificate", …).
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it cannot be used.
-        detail: String,
-    },
-    /// The operator interrupted the command with Ctrl-C (exit 130, as shells report SIGINT).
-    #[error("interrupted")]
-    Interrupted,
-    /// The operation was attempted and refused or failed, with a SPEC error code (exit 1).
-    #[error("{code}: {message}")]
-    Failed {
-        /// The SPEC §5 error code.
-        code: ErrorCode,
-        /// What failed, naming the document or file.
-        message: String,
-    },
-    /// The operation ran and failed (or timed out) on some hosts; each host's line said why
-    /// (exit 1).
-    #[error("{0}")]
-    OnHosts(String),
-    /// Reading or writing a file failed while doing the work (exit 1).
-    #[error("failed to {action} {}: {}", path.display(), io_message(source))]
-    Io {
-        /// What was being done ("write", "create directory", …).
-        action: &'static str,
-        /// On which file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A host could not be reached or refused us (exit 3).
-    #[error("{target}: {message}")]
-    Unreachable {
-        /// The host or socket.
-        target: String,
-        /// What happened.
-        message: String,
-    },
-}
-
-impl CliError {
-    /// The process exit code for this error (SPEC §3).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            CliError::Usage(_) | CliError::Config { .. } => 2,
-            CliError::Failed { .. } | CliError::Io { .. } | CliError::OnHosts(_) => 1,
-            CliError::Unreachable { .. } => 3,
-            CliError::Interrupted => 130,
-        }
-    }
-
-    /// An [`CliError::Io`] on `path`.
-    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        CliError::Io {
-            action,
-            path: path.into(),
-            source,
-        }
-    }
-
-    /// A [`CliError::Config`] on `path`.
-    pub fn config(what: &'static str, path: impl Into<PathBuf>, detail: impl ToString) -> Self {
-        CliError::Config {
-            what,
-            path: path.into(),
-            detail: detail.to_string(),
-        }
-    }
-}
-
-/// An I/O error's message without Rust's " (os error N)" suffix, for operator-facing text.
-pub(crate) fn io_message(e: &io::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" (os error ") {
-        Some(i) if text.ends_with(')') => text[..i].to_owned(),
-        _ => text,
-    }
-}
-
 /// Parses the process arguments, runs the subcommand and returns the SPEC exit code. Usage errors
 /// found by clap exit 2; `--help` and `--version` exit 0.
 ///
@@ -418,113 +329,12 @@ pub(crate) fn emit_json(out: &mut dyn Write, value: &serde_json::Value) -> Resul
     emit(out, escape::escape_json_text(&text))
 }
 
-/// `path` with `ext` appended to its file name (`keys/image` + `key` = `keys/image.key`), even
-/// when the name already contains dots.
-pub(crate) fn with_suffix(path: &Path, ext: &str) -> PathBuf {
-    let mut s: OsString = path.as_os_str().to_owned();
-    s.push(".");
-    s.push(ext);
-    PathBuf::from(s)
-}
-
-/// Creates `dir` (and missing parents) if it does not exist, giving the directory itself `mode`
-/// regardless of the umask. An existing directory is left as it is.
-pub(crate) fn ensure_dir(dir: &Path, mode: u32) -> Result<(), CliError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::create_dir_all(dir).map_err(|e| CliError::io("create directory", dir, e))?;
-    fs::set_permissions(dir, Permissions::from_mode(mode))
-        .map_err(|e| CliError::io("set permissions of", dir, e))
-}
-
-/// fsyncs a directory so that a rename into it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), CliError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| CliError::io("sync directory", dir, e))
-}
-
-/// The directory a file path lives in (`.` for a bare file name).
-pub(crate) fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// How [`write_file`] treats an existing file at the destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Existing {
-    /// Refuse: the destination must not exist (keys, certificates).
-    Refuse,
-    /// Replace it atomically (depot documents).
-    Replace,
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory with `mode`,
-/// fsync, then a rename (or a no-clobber link for [`Existing::Refuse`]) and a directory fsync.
-/// Readers see the old file or the whole new one, never a part.
-pub(crate) fn write_file(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    existing: Existing,
-) -> Result<(), CliError> {
-    let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(|e| CliError::io("create a temporary file in", dir, e))?;
-    // The builder's mode is filtered by the umask; set it exactly.
-    tmp.as_file()
-        .set_permissions(Permissions::from_mode(mode))
-        .and_then(|()| tmp.write_all(bytes))
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| CliError::io("write", path, e))?;
-    match existing {
-        Existing::Replace => tmp
-            .persist(path)
-            .map(drop)
-            .map_err(|e| CliError::io("write", path, e.error))?,
-        Existing::Refuse => tmp.persist_noclobber(path).map(drop).map_err(|e| {
-            if e.error.kind() == io::ErrorKind::AlreadyExists {
-                CliError::Usage(format!(
-                    "{} already exists; refusing to overwrite it",
-                    path.display()
-                ))
-            } else {
-                CliError::io("write", path, e.error)
-            }
-        })?,
-    }
-    sync_dir(dir)
-}
-
-/// Reads a small text file the operator named (a key or certificate), as a config input.
-pub(crate) fn read_config_text(what: &'static str, path: &Path) -> Result<String, CliError> {
-    fs::read_to_string(path).map_err(|e| CliError::config(what, path, io_message(&e)))
-}
-
-/// Loads an ed25519 private key (PKCS#8 PEM).
-pub(crate) fn load_signing_key(path: &Path) -> Result<ed25519_dalek::SigningKey, CliError> {
-    let pem = read_config_text("key", path)?;
-    vibstage_protocol::dsse::signing_key_from_pem(&pem)
-        .map_err(|e| CliError::config("key", path, e))
-}
-
-/// Loads an ed25519 public key (SPKI PEM).
-pub(crate) fn load_verifying_key(path: &Path) -> Result<ed25519_dalek::VerifyingKey, CliError> {
-    let pem = read_config_text("public key", path)?;
-    vibstage_protocol::dsse::verifying_key_from_pem(&pem)
-        .map_err(|e| CliError::config("public key", path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory as _;
+    use std::path::Path;
+    use vibstage_protocol::ErrorCode;
 
     #[test]
     fn grammar_is_consistent() {

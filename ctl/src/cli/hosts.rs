@@ -265,7 +265,7 @@ fn check_socket(socket: &std::path::Path) -> Result<(), CliError> {
 fn read_image(path: &PathBuf) -> Result<Envelope, CliError> {
     let bytes =
         std::fs::read(path).map_err(|e| CliError::config("image", path, super::io_message(&e)))?;
-    super::image::parse_image_file(path, &bytes).map_err(CliError::Usage)
+    crate::publish::image::parse_image_file(path, &bytes).map_err(CliError::Usage)
 }
 
 /// The sum of the VIB sizes an image names: no honest host needs more bytes for it, so a larger
@@ -284,10 +284,6 @@ fn image_bytes(image: &Envelope) -> Option<u64> {
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
-}
-
-fn word<T: serde::Serialize>(v: &T) -> String {
-    to_json(v).as_str().unwrap_or("?").to_owned()
 }
 
 fn codes(notifications: &[vibstage_protocol::api::Notification]) -> Vec<(String, String)> {
@@ -333,9 +329,9 @@ pub fn status(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
         |client, _| async move {
             let s: vibstage_protocol::api::HostStatus = client.get("/v1/status").await?;
             let line = status_row(
-                &word(&s.compliance.status),
+                s.compliance.status.as_str(),
                 &s.staging.staged.to_string(),
-                &word(&s.staging.firmware),
+                s.staging.firmware.as_str(),
                 &super::fanout::human_bytes(s.scratch.free_bytes),
                 &match (&s.running_task, s.maintenance.active) {
                     (Some(t), true) => format!("{t} (in maintenance mode)"),
@@ -346,7 +342,7 @@ pub fn status(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
                 &s.host_id,
             );
             let facts = Facts {
-                compliance: Some(word(&s.compliance.status)),
+                compliance: Some(s.compliance.status.as_str().to_owned()),
                 staged: Some(s.staging.staged),
                 notifications: codes(&s.compliance.notifications),
             };
@@ -368,16 +364,16 @@ pub fn check(args: CheckArgs, ctx: &Context, out: &mut dyn Write) -> Result<(), 
             let changes: Vec<String> = r
                 .components
                 .iter()
-                .map(|c| format!("{} {}", c.component, word(&c.change)))
+                .map(|c| format!("{} {}", c.component, c.change.as_str().to_owned()))
                 .collect();
             let line = format!(
                 "{} impact={} {}",
-                word(&r.status),
-                word(&r.impact),
+                r.status.as_str().to_owned(),
+                r.impact.as_str().to_owned(),
                 changes.join(", ")
             );
             let facts = Facts {
-                compliance: Some(word(&r.status)),
+                compliance: Some(r.status.as_str().to_owned()),
                 staged: None,
                 notifications: codes(&r.notifications),
             };
@@ -457,14 +453,14 @@ fn task_outcome(task: &Task) -> Outcome {
         ),
         Some(e) => format!(
             "{} task {}: {}: {}",
-            word(&task.state),
+            task.state.as_str().to_owned(),
             task.id,
             e.code,
             e.message
         ),
         None => format!(
             "{} task {} ({} needed, {} downloaded)",
-            word(&task.state),
+            task.state.as_str().to_owned(),
             task.id,
             super::fanout::human_bytes(task.progress.bytes_total),
             super::fanout::human_bytes(task.bytes_downloaded)
@@ -573,7 +569,7 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
                             s.image.digest,
                             s.image.name,
                             s.image.serial,
-                            word(&s.state),
+                            s.state.as_str().to_owned(),
                             super::fanout::human_bytes(s.bytes),
                             if s.persistent {
                                 "persistent"
@@ -634,8 +630,8 @@ pub fn tasks(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
                 format!(
                     "  {} {:<9} {:<9} {updated}{error}",
                     t.id,
-                    word(&t.kind),
-                    word(&t.state)
+                    t.kind.as_str().to_owned(),
+                    t.state.as_str().to_owned()
                 )
             })
             .collect();

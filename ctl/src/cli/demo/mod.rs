@@ -134,14 +134,6 @@ fn name(step: &'static str, text: &str) -> Result<Name, Failure> {
     text.parse().map_err(at(step))
 }
 
-/// A value as its JSON string (`non_compliant`, `reboot`, …).
-fn word<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
 /// Everything the demo keeps between steps.
 struct Demo<'a> {
     /// Where the story goes.
@@ -262,21 +254,21 @@ impl Demo<'_> {
             || {
                 format!(
                     "expected non_compliant, the agent reported {}",
-                    word(&report.status)
+                    report.status.as_str()
                 )
             },
         )?;
         let changes: Vec<String> = report
             .components
             .iter()
-            .map(|c| format!("{} {}", c.component, word(&c.change)))
+            .map(|c| format!("{} {}", c.component, c.change.as_str()))
             .collect();
         self.tell(
             "check",
             format_args!(
                 "agent reports {}, impact {}: {}",
-                word(&report.status),
-                word(&report.impact),
+                report.status.as_str(),
+                report.impact.as_str(),
                 changes.join(", ")
             ),
         )?;
@@ -289,7 +281,7 @@ impl Demo<'_> {
             "stage",
             format_args!(
                 "agent reports {}: {} downloaded; sizes, sha256 and signatures verified",
-                word(&task.state),
+                task.state.as_str(),
                 HumanBytes(task.bytes_downloaded)
             ),
         )?;
@@ -303,9 +295,9 @@ impl Demo<'_> {
         ensure("status", s.staged, || {
             format!(
                 "staged is false (software {}, firmware {}, dpu {})",
-                word(&s.software),
-                word(&s.firmware),
-                word(&s.dpu)
+                s.software.as_str(),
+                s.firmware.as_str(),
+                s.dpu.as_str()
             )
         })?;
         ensure("status", s.persistent, || {
@@ -321,9 +313,9 @@ impl Demo<'_> {
                 "agent reports staged={} (software {}, firmware {}, dpu {}), {} on persistent \
                  scratch {}",
                 s.staged,
-                word(&s.software),
-                word(&s.firmware),
-                word(&s.dpu),
+                s.software.as_str(),
+                s.firmware.as_str(),
+                s.dpu.as_str(),
                 HumanBytes(s.bytes),
                 self.rel(Path::new(&s.location))
             ),
@@ -360,7 +352,7 @@ impl Demo<'_> {
                 "agent still reports staged={} with the same {}, compliance {}",
                 after.staging.staged,
                 HumanBytes(after.staging.bytes),
-                word(&after.compliance.status)
+                after.compliance.status.as_str()
             ),
         )?;
 
@@ -384,7 +376,7 @@ impl Demo<'_> {
             format_args!(
                 "agent reports {}: {} more downloaded, {}, installed, {} (hooks in \
                  agent/maintenance.log)",
-                word(&task.state),
+                task.state.as_str(),
                 HumanBytes(task.bytes_downloaded),
                 hooks[0],
                 hooks[1]
@@ -410,7 +402,7 @@ impl Demo<'_> {
             || {
                 format!(
                     "expected compliant, the agent reported {}",
-                    word(&report.status)
+                    report.status.as_str()
                 )
             },
         )?;
@@ -430,7 +422,7 @@ impl Demo<'_> {
             "result",
             format_args!(
                 "agent reports {} with {IMAGE} #{} installed{}; staged content removed",
-                word(&report.status),
+                report.status.as_str(),
                 installed.map_or(0, |i| i.serial),
                 if status.installed.reboot_required {
                     " (reboot required)"
@@ -493,7 +485,7 @@ impl Demo<'_> {
             return Err(Failure {
                 step,
                 code,
-                message: format!("task {} ended {}: {why}", task.id, word(&task.state)),
+                message: format!("task {} ended {}: {why}", task.id, task.state.as_str()),
             });
         }
         Ok(task)

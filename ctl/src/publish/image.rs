@@ -15,48 +15,26 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use clap::Subcommand;
 use ed25519_dalek::VerifyingKey;
 use time::format_description::well_known::Rfc3339;
-use time::{Duration, OffsetDateTime, UtcOffset};
+use time::{OffsetDateTime, UtcOffset};
 use vibstage_protocol::dsse::key_id;
 use vibstage_protocol::version::Version;
 use vibstage_protocol::{
     AcceptanceLevel, Component, Digest, Envelope, ErrorCode, IMAGE_PAYLOAD_TYPE, Image,
     ImageDigest, KeyId, KeyRole, Name, TrustStore, TrustedKey, VIB_PAYLOAD_TYPE, VerifiedImage,
-    VibDescriptor, VibKind, VibTarget, verify_image,
+    VibDescriptor, verify_image,
 };
 
-use super::depot::{DIR_MODE, FILE_MODE};
-use super::{
-    CliError, Context, Existing, emit, emit_json, ensure_dir, io_message, load_signing_key,
-    load_verifying_key, write_file,
-};
+use crate::error::{CliError, io_message};
+use crate::files::{Existing, ensure_dir, write_file};
+use crate::publish::depot::{DIR_MODE, FILE_MODE};
 
 /// How long an image is valid when `--expires` is not given.
 pub const DEFAULT_LIFETIME_DAYS: i64 = 30;
-
-/// Arguments of `image`.
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: ImageCommand,
-}
-
-/// The `image` subcommands.
-#[derive(Debug, Subcommand)]
-#[non_exhaustive]
-pub enum ImageCommand {
-    /// Write a signed images/NAME.json from the depot's descriptors.
-    Create(CreateArgs),
-    /// Verify an image as an agent with these keys would.
-    Verify(VerifyArgs),
-}
 
 /// A `--component C=V` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,70 +75,10 @@ fn check_text(what: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
+pub(crate) fn parse_rfc3339(s: &str) -> Result<OffsetDateTime, String> {
     OffsetDateTime::parse(s, &Rfc3339)
         .map(|t| t.to_offset(UtcOffset::UTC))
         .map_err(|e| format!("expected an RFC 3339 time such as 2027-01-01T00:00:00Z: {e}"))
-}
-
-/// Arguments of `image create`.
-#[derive(Debug, clap::Args)]
-pub struct CreateArgs {
-    /// The depot directory; its descriptors/ are read and images/NAME.json is written.
-    #[arg(long, value_name = "DIR")]
-    pub depot: PathBuf,
-    /// Private key (PKCS#8 PEM) that signs the image: an `image` key of the trust store.
-    #[arg(long, value_name = "K")]
-    pub key: PathBuf,
-    /// Image name.
-    #[arg(long, value_name = "N")]
-    pub name: Name,
-    /// Serial: must not go down between releases of the same name.
-    #[arg(long, value_name = "S")]
-    pub serial: u64,
-    /// Expiry time, RFC 3339 [default: 30 days from now].
-    #[arg(long, value_name = "T", value_parser = parse_rfc3339)]
-    pub expires: Option<OffsetDateTime>,
-    /// Base image version [default with --from-bundle: the bundle's base image].
-    #[arg(long, value_name = "V", required_unless_present = "from_bundle")]
-    pub base_image: Option<String>,
-    /// A component and its version, C=V; repeatable (added to, or overriding, what
-    /// --from-bundle gives).
-    #[arg(
-        long = "component",
-        value_name = "C=V",
-        required_unless_present = "from_bundle"
-    )]
-    pub components: Vec<ComponentRef>,
-    /// Take the base image and components from an offline bundle's metadata (its base image
-    /// and add-ons; without a base image, its bulletins' components). Import it first with
-    /// `depot import`.
-    #[arg(long, value_name = "BUNDLE.zip")]
-    pub from_bundle: Option<PathBuf>,
-    /// With --from-bundle: only this add-on of the bundle (repeatable) [default: all].
-    #[arg(long = "addon", value_name = "NAME", requires = "from_bundle")]
-    pub addons: Vec<String>,
-    /// Public key (SPKI PEM) that must have signed every descriptor the image carries;
-    /// repeatable. Without it the descriptors are not verified (a warning says so).
-    #[arg(long = "vib-key", value_name = "PUB")]
-    pub vib_keys: Vec<PathBuf>,
-}
-
-/// Arguments of `image verify`.
-#[derive(Debug, clap::Args)]
-pub struct VerifyArgs {
-    /// Public key (SPKI PEM) trusted to sign images; repeatable.
-    #[arg(long = "image-key", value_name = "PUB", required = true)]
-    pub image_keys: Vec<PathBuf>,
-    /// Public key (SPKI PEM) trusted to sign VIB descriptors up to certified; repeatable.
-    #[arg(long = "vib-key", value_name = "PUB", required = true)]
-    pub vib_keys: Vec<PathBuf>,
-    /// The host acceptance level to check against.
-    #[arg(long, value_name = "L", default_value = "partner")]
-    pub acceptance: AcceptanceLevel,
-    /// The image file (a DSSE envelope).
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
 }
 
 /// What `image create` builds.
@@ -197,7 +115,7 @@ struct Found {
 }
 
 /// Reads every parseable descriptor envelope of a depot, warning about the rest.
-fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
+fn read_descriptors(dir: &Path, warn: &mut dyn FnMut(String)) -> Result<Vec<Found>, CliError> {
     let entries = fs::read_dir(dir)
         .map_err(|e| CliError::config("depot descriptors", dir, io_message(&e)))?;
     let mut found = Vec::new();
@@ -229,19 +147,19 @@ fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
                 envelope,
                 descriptor,
             }),
-            Err(why) => eprintln!("warning: skipping {}: {why}", path.display()),
+            Err(why) => warn(format!("skipping {}: {why}", path.display())),
         }
     }
     // Directory order is arbitrary; images should not be.
     found.sort_by(|a, b| {
         (
             &a.descriptor.name,
-            target_str(a.descriptor.target),
+            a.descriptor.target.as_str(),
             a.descriptor.sha256,
         )
             .cmp(&(
                 &b.descriptor.name,
-                target_str(b.descriptor.target),
+                b.descriptor.target.as_str(),
                 b.descriptor.sha256,
             ))
     });
@@ -250,11 +168,17 @@ fn read_descriptors(dir: &Path) -> Result<Vec<Found>, CliError> {
 
 /// Refuses a descriptor that no key of `vib_keys` signed (when keys are given); warns about an
 /// unsigned one otherwise.
-fn check_descriptor(f: &Found, vib_keys: &[VerifyingKey]) -> Result<(), CliError> {
+fn check_descriptor(
+    f: &Found,
+    vib_keys: &[VerifyingKey],
+    warn: &mut dyn FnMut(String),
+) -> Result<(), CliError> {
     let what = format!("descriptor {} ({})", f.path.display(), f.descriptor.name);
     if vib_keys.is_empty() {
         if f.envelope.signatures.is_empty() {
-            eprintln!("warning: {what} is unsigned; agents will refuse an image carrying it");
+            warn(format!(
+                "{what} is unsigned; agents will refuse an image carrying it"
+            ));
         }
         return Ok(());
     }
@@ -287,12 +211,15 @@ fn check_descriptor(f: &Found, vib_keys: &[VerifyingKey]) -> Result<(), CliError
 
 /// Builds, signs and writes `images/<name>.json` from the depot's descriptors. With `vib_keys`,
 /// every descriptor must be signed by one of them; without, a warning says nothing was verified.
+/// Warnings (skipped files, unsigned descriptors, an expiry not in the future) go to `warn`, for
+/// the caller to show.
 pub fn create(
     depot: &Path,
     key: &ed25519_dalek::SigningKey,
     spec: &ImageSpec,
     vib_keys: &[VerifyingKey],
     now: OffsetDateTime,
+    warn: &mut dyn FnMut(String),
 ) -> Result<CreatedImage, CliError> {
     check_text("--base-image", spec.base_image.as_str()).map_err(CliError::Usage)?;
     for (i, c) in spec.components.iter().enumerate() {
@@ -303,7 +230,7 @@ pub fn create(
             )));
         }
     }
-    let found = read_descriptors(&depot.join("descriptors"))?;
+    let found = read_descriptors(&depot.join("descriptors"), warn)?;
 
     let mut components = Vec::new();
     for want in &spec.components {
@@ -325,7 +252,7 @@ pub fn create(
         // An agent refuses an image listing a VIB name twice for one target.
         let mut seen: BTreeMap<(&Name, &str), &Path> = BTreeMap::new();
         for f in &selected {
-            let k = (&f.descriptor.name, target_str(f.descriptor.target));
+            let k = (&f.descriptor.name, f.descriptor.target.as_str());
             if let Some(other) = seen.insert(k, &f.path) {
                 return Err(CliError::Usage(format!(
                     "component {} {} has two VIBs named {} for target {}: {} and {}; remove one",
@@ -339,7 +266,7 @@ pub fn create(
             }
         }
         for f in &selected {
-            check_descriptor(f, vib_keys)?;
+            check_descriptor(f, vib_keys, warn)?;
         }
         components.push(Component {
             name: want.name.clone(),
@@ -348,18 +275,18 @@ pub fn create(
         });
     }
     if vib_keys.is_empty() {
-        eprintln!(
-            "warning: the descriptors of image {} were not verified (no --vib-key given); \
+        warn(format!(
+            "the descriptors of image {} were not verified (no --vib-key given); \
              its signature vouches for them anyway",
             spec.name
-        );
+        ));
     }
     if spec.expires <= now {
-        eprintln!(
-            "warning: image {} expires at {}, which is not in the future; agents will refuse it",
+        warn(format!(
+            "image {} expires at {}, which is not in the future; agents will refuse it",
             spec.name,
             rfc3339(spec.expires)
-        );
+        ));
     }
 
     let image = Image {
@@ -501,27 +428,11 @@ pub fn verify_labelled(
     })
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
-fn kind_str(kind: VibKind) -> &'static str {
-    match kind {
-        VibKind::Software => "software",
-        VibKind::Firmware => "firmware",
-        _ => "unknown",
-    }
-}
-
-fn target_str(target: VibTarget) -> &'static str {
-    match target {
-        VibTarget::Host => "host",
-        VibTarget::Dpu => "dpu",
-        _ => "unknown",
-    }
-}
-
-fn join_ids(ids: &[KeyId]) -> String {
+pub(crate) fn join_ids(ids: &[KeyId]) -> String {
     ids.iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
@@ -565,154 +476,13 @@ pub fn verified_json(v: &Verified) -> serde_json::Value {
     })
 }
 
-fn print_verified(v: &Verified, out: &mut dyn Write) -> Result<(), CliError> {
-    let image = &v.image.image;
-    emit(
-        out,
-        format_args!("verified image {} serial {}", image.name, image.serial),
-    )?;
-    emit(out, format_args!("  digest:     {}", v.image.digest))?;
-    emit(
-        out,
-        format_args!("  expires:    {}", rfc3339(image.expires)),
-    )?;
-    emit(out, format_args!("  base image: {}", image.base_image))?;
-    emit(
-        out,
-        format_args!("  acceptance: {} or higher", v.acceptance),
-    )?;
-    emit(out, format_args!("  signed by:  {}", join_ids(&v.signers)))?;
-    for c in &image.components {
-        emit(out, format_args!("  component {} {}", c.name, c.version))?;
-        for vib in v
-            .image
-            .vibs
-            .iter()
-            .filter(|vib| vib.descriptor.component == c.name)
-        {
-            let d = &vib.descriptor;
-            emit(
-                out,
-                format_args!(
-                    "    {} {} {} {} {} {} sha256:{} vendor {} signed by {}",
-                    d.name,
-                    d.version,
-                    kind_str(d.kind),
-                    target_str(d.target),
-                    d.acceptance,
-                    d.size,
-                    d.sha256,
-                    d.vendor,
-                    join_ids(&vib.signers)
-                ),
-            )?;
-        }
-    }
-    Ok(())
-}
-
-/// Runs `image`.
-pub fn run(args: Args, ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
-    match args.command {
-        ImageCommand::Create(a) => {
-            let key = load_signing_key(&a.key)?;
-            let now = OffsetDateTime::now_utc();
-            let default_expiry = (now + Duration::days(DEFAULT_LIFETIME_DAYS))
-                .replace_nanosecond(0)
-                .unwrap_or(now + Duration::days(DEFAULT_LIFETIME_DAYS));
-            let (mut base_image, mut components) = (a.base_image, Vec::new());
-            if let Some(bundle) = &a.from_bundle {
-                let (base, parts) = super::import::image_parts(bundle, &a.addons)?;
-                base_image = base_image.or(base);
-                for (name, version) in parts {
-                    components.push(
-                        format!("{name}={version}")
-                            .parse::<ComponentRef>()
-                            .map_err(|e| CliError::Usage(format!("{}: {e}", bundle.display())))?,
-                    );
-                }
-            }
-            for c in a.components {
-                match components.iter_mut().find(|o| o.name == c.name) {
-                    Some(o) => *o = c,
-                    None => components.push(c),
-                }
-            }
-            let base_image = base_image.ok_or_else(|| {
-                CliError::Usage(
-                    "the bundle carries no base image; give its version with --base-image".into(),
-                )
-            })?;
-            let spec = ImageSpec {
-                name: a.name,
-                serial: a.serial,
-                expires: a.expires.unwrap_or(default_expiry),
-                base_image: Version(base_image),
-                components,
-            };
-            let vib_keys = a
-                .vib_keys
-                .iter()
-                .map(|p| load_verifying_key(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            let created = create(&a.depot, &key, &spec, &vib_keys, now)?;
-            if ctx.json {
-                return emit_json(
-                    out,
-                    &serde_json::json!({
-                        "image": created.path,
-                        "name": created.image.name,
-                        "serial": created.image.serial,
-                        "expires": rfc3339(created.image.expires),
-                        "digest": created.digest,
-                    }),
-                );
-            }
-            emit(out, created.digest)
-        }
-        ImageCommand::Verify(a) => {
-            let image_keys = a
-                .image_keys
-                .iter()
-                .map(|p| load_verifying_key(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            let vib_keys = a
-                .vib_keys
-                .iter()
-                .map(|p| load_verifying_key(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            let labels: Vec<String> = a
-                .image_keys
-                .iter()
-                .map(|p| format!("{} (given as --image-key)", p.display()))
-                .chain(
-                    a.vib_keys
-                        .iter()
-                        .map(|p| format!("{} (given as --vib-key)", p.display())),
-                )
-                .collect();
-            let verified = verify_labelled(
-                &a.file,
-                &image_keys,
-                &vib_keys,
-                &labels,
-                a.acceptance,
-                OffsetDateTime::now_utc(),
-            )?;
-            if ctx.json {
-                emit_json(out, &verified_json(&verified))
-            } else {
-                print_verified(&verified, out)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::depot::{VibSpec, add};
+    use crate::publish::depot::{VibSpec, add};
     use ed25519_dalek::SigningKey;
+    use time::Duration;
+    use vibstage_protocol::{VibKind, VibTarget};
 
     fn spec(component: &str, acceptance: AcceptanceLevel) -> VibSpec {
         VibSpec {
@@ -761,6 +531,7 @@ mod tests {
             &image_spec,
             &[vib_key.verifying_key()],
             now,
+            &mut |_| {},
         )
         .expect("create");
         // A descriptor by another key is refused when --vib-key is given, accepted without.
@@ -770,6 +541,7 @@ mod tests {
             &image_spec,
             &[image_key.verifying_key()],
             now,
+            &mut |_| {},
         )
         .expect_err("foreign descriptors");
         assert!(matches!(
@@ -817,7 +589,7 @@ mod tests {
             ..image_spec
         };
         assert_eq!(
-            create(&depot, &image_key, &missing, &[], now)
+            create(&depot, &image_key, &missing, &[], now, &mut |_| {})
                 .expect_err("missing")
                 .exit_code(),
             2

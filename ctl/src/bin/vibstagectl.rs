@@ -1,8 +1,8 @@
 //! `vibstagectl`: the controller, depot-owner and local-admin tool. All of it lives in
-//! [`vibstage::cli`]; this is only the process entry point.
+//! [`vibstage_ctl::cli`]; this is only the process entry point.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    vibstage::cli::main()
+    vibstage_ctl::cli::main()
 }

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vibstage_protocol::ErrorCode;
 use vibstage_protocol::api::{ErrorBody, ErrorDetail};
+use vibstage_protocol::error::error_chain;
 
 /// The most bytes of one answer body the controller reads. The largest SPEC answer (a task list
 /// or a status with notifications) is a few KiB; a body beyond this is a host misbehaving and is
@@ -236,25 +237,10 @@ pub struct AgentClient {
     pub name: String,
 }
 
-/// The error and its causes, one after the other, without reqwest's repeated URL (the host is
-/// already named on the line) and Rust's " (os error N)" suffixes.
-fn chain(e: &reqwest::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur: Option<&dyn std::error::Error> = Some(e);
-    while let Some(inner) = cur {
-        let text = inner.to_string();
-        let text = match text.rfind(" (os error ") {
-            Some(i) if text.ends_with(')') => text[..i].to_owned(),
-            _ => text,
-        };
-        let text = match text.find(" for url (") {
-            Some(i) if text.ends_with(')') => text[..i].to_owned(),
-            _ => text,
-        };
-        parts.push(text);
-        cur = inner.source();
-    }
-    parts.join(": ")
+/// The error and its causes ([`error_chain`]), without reqwest's URL (the host is already
+/// named on the line).
+fn chain(e: reqwest::Error) -> String {
+    error_chain(&e.without_url())
 }
 
 impl AgentClient {
@@ -265,7 +251,7 @@ impl AgentClient {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| ClientError::Setup(chain(&e)))?;
+            .map_err(|e| ClientError::Setup(chain(e)))?;
         Ok(AgentClient {
             client,
             base: "http://localhost".into(),
@@ -287,11 +273,11 @@ impl AgentClient {
             })
         };
         let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)
-            .map_err(|e| ClientError::Setup(format!("ca.pem: {}", chain(&e))))?;
+            .map_err(|e| ClientError::Setup(format!("ca.pem: {}", chain(e))))?;
         let mut identity = read("client.pem")?;
         identity.extend_from_slice(&read("client.key")?);
         let identity = reqwest::Identity::from_pem(&identity)
-            .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {}", chain(&e))))?;
+            .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {}", chain(e))))?;
         let client = reqwest::Client::builder()
             .tls_certs_only(ca)
             .identity(identity)
@@ -301,7 +287,7 @@ impl AgentClient {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| ClientError::Setup(chain(&e)))?;
+            .map_err(|e| ClientError::Setup(chain(e)))?;
         Ok(AgentClient {
             client,
             base: format!("https://{}", addr.authority()),
@@ -318,7 +304,7 @@ impl AgentClient {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable(chain(&e)))?;
+            .map_err(|e| ClientError::Unreachable(chain(e)))?;
         let status = response.status().as_u16();
         if response.status().is_redirection() {
             let location = response
@@ -339,7 +325,7 @@ impl AgentClient {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| ClientError::Unreachable(chain(&e)))?
+            .map_err(|e| ClientError::Unreachable(chain(e)))?
         {
             if bytes.len().saturating_add(chunk.len()) > MAX_BODY {
                 return Err(ClientError::Protocol(format!(

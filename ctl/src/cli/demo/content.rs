@@ -12,7 +12,7 @@ use vibstage_protocol::{AcceptanceLevel, Envelope};
 
 use super::{BIOS, Demo, ESXI, Failure, IMAGE, at, cli_failure, name};
 use crate::cli::CliError;
-use crate::cli::image::{ComponentRef, CreatedImage, ImageSpec};
+use crate::publish::image::{ComponentRef, CreatedImage, ImageSpec};
 
 /// The tests' builder of real-format VIBs and offline bundles (`tests/src/vibs.rs`), compiled
 /// in so the demo shows the real thing: `ar` archives with `descriptor.xml` and gzipped payloads,
@@ -72,7 +72,7 @@ impl Demo<'_> {
         fs::write(&path, &bytes)
             .map_err(|e| CliError::io("write", &path, e))
             .map_err(cli_failure(step))?;
-        let imported = crate::cli::import::import(
+        let imported = crate::publish::import::import(
             depot,
             &key,
             AcceptanceLevel::Partner,
@@ -121,12 +121,13 @@ impl Demo<'_> {
                 },
             ],
         };
-        let created = crate::cli::image::create(
+        let created = crate::publish::image::create(
             depot_dir,
             &image_signer,
             &spec,
             &[vib_key],
             OffsetDateTime::now_utc(),
+            &mut |w| eprintln!("warning: {w}"),
         )
         .map_err(cli_failure("image"))?;
         let envelope: Envelope = fs::read(&created.path)
