@@ -49,11 +49,14 @@ pub enum LifecycleError {
     /// A remediation step failed.
     #[error(transparent)]
     Remediate(#[from] RemediateError),
-    /// Another image's stage or remediation is running.
-    #[error("task {task} is running for another image")]
+    /// Another stage or remediation is running (for another image, or the other operation on
+    /// this one).
+    #[error("task {task} is running for {what}")]
     Busy {
         /// The running task.
         task: String,
+        /// What it runs for, in words.
+        what: &'static str,
     },
     /// Staged content cannot be deleted while a lifecycle task runs (issue 11, item 1).
     #[error(
@@ -316,8 +319,14 @@ impl Agent {
             {
                 return Ok(Started::Joined(task));
             }
+            let what = if r.digest == image.digest {
+                "a different operation on this image (wait for it to end)"
+            } else {
+                "another image"
+            };
             return Err(LifecycleError::Busy {
                 task: r.task_id.clone(),
+                what,
             });
         }
         let image_ref = ImageRef {

@@ -6,11 +6,14 @@ use std::path::Path;
 
 pub use vibstage_protocol::config::*;
 
-/// Reads and validates `path`.
+/// Reads and validates `path`: a regular file of at most [`crate::fsutil::MAX_CONFIG_FILE`]
+/// bytes (a mistake such as `/dev/zero` is refused, never read for ever).
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = crate::fsutil::read_config_text(path, crate::fsutil::MAX_CONFIG_FILE).map_err(
+        |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        },
+    )?;
     Config::parse(&text, path)
 }

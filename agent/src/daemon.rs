@@ -52,7 +52,7 @@ pub fn load_trust(config: &Config, path: &Path) -> Result<TrustStore, ConfigErro
             key: "trust.keys.file",
             message,
         };
-        let pem = std::fs::read_to_string(&entry.file)
+        let pem = fsutil::read_config_text(&entry.file, 64 << 10)
             .map_err(|e| invalid(format!("{}: {e}", entry.file.display())))?;
         let key = verifying_key_from_pem(&pem)
             .map_err(|e| invalid(format!("{}: {e}", entry.file.display())))?;
@@ -85,10 +85,12 @@ pub fn check_config(path: &Path) -> Result<Config, ConfigError> {
         tls_config(&config, path)?;
     }
     if !config.depot.ca.as_os_str().is_empty() {
-        std::fs::read(&config.depot.ca).map_err(|e| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: "depot.ca",
-            message: format!("{}: {e}", config.depot.ca.display()),
+        fsutil::read_config_file(&config.depot.ca, fsutil::MAX_CONFIG_FILE).map_err(|e| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "depot.ca",
+                message: format!("{}: {e}", config.depot.ca.display()),
+            }
         })?;
     }
     Ok(config)
@@ -150,9 +152,21 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| DaemonError::runtime(&format!("cannot create {}", parent.display()), e))?;
-        // Nobody else may swap the socket for something else between bind and use.
+        // Nobody else may swap the socket for something else between bind and use, nor put
+        // something in its place before start: its own directory may not be writable by
+        // others even with the sticky bit (the parents above it may, like /tmp).
         fsutil::check_ancestors(parent)
             .map_err(|e| DaemonError::runtime("cannot use listen.socket", e))?;
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(meta) = std::fs::metadata(parent)
+            && meta.mode() & 0o022 != 0
+        {
+            return Err(DaemonError::Runtime(format!(
+                "cannot use listen.socket: its directory {} is writable by group or others (mode {:o}); make it 0755 or stricter",
+                parent.display(),
+                meta.mode() & 0o7777
+            )));
+        }
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -355,12 +369,14 @@ fn build_fetcher(config: &Config, metrics: &Metrics) -> Result<Fetcher, DaemonEr
     let ca_pem = if config.depot.ca.as_os_str().is_empty() {
         None
     } else {
-        Some(std::fs::read(&config.depot.ca).map_err(|e| {
-            DaemonError::runtime(
-                &format!("cannot read depot.ca {}", config.depot.ca.display()),
-                e,
-            )
-        })?)
+        Some(
+            fsutil::read_config_file(&config.depot.ca, fsutil::MAX_CONFIG_FILE).map_err(|e| {
+                DaemonError::runtime(
+                    &format!("cannot read depot.ca {}", config.depot.ca.display()),
+                    e,
+                )
+            })?,
+        )
     };
     Fetcher::new(
         FetchConfig {

@@ -109,6 +109,39 @@ pub fn create_private_dir(path: &Path) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path)
 }
 
+/// Most bytes read from a configuration-named file (keys, certificates, CAs, agent.toml): far
+/// more than any of them holds, far less than would hurt.
+pub const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// Reads a small regular file named by the configuration: anything else (`/dev/zero`, a FIFO, a
+/// directory) or anything larger than `max` bytes is refused with a message saying which, so
+/// that a mistake in agent.toml cannot make the agent read for ever.
+pub fn read_config_file(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, max + 1), &mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_config_file`] as UTF-8 text.
+pub fn read_config_text(path: &Path, max: u64) -> io::Result<String> {
+    String::from_utf8(read_config_file(path, max)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 /// [`write_atomic`] of a value as pretty JSON, mode 0600.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;

@@ -207,13 +207,40 @@ impl Remediation<'_> {
             ("maintenance.exit", &m.exit)
         };
         let timeout = Duration::from_secs(m.timeout_secs);
+        if enter {
+            // Recorded before the hook runs: an agent killed while `enter` runs (the hook may
+            // finish without it) must come back knowing the host may be in maintenance mode,
+            // and leave it only through `exit`. A failed `enter` is undone by the caller, which
+            // runs `exit` and records the mode as left.
+            self.set_maintenance(true)?;
+            return hook::run(what, argv, &[], timeout)
+                .await
+                .map_err(RemediateError::Maintenance);
+        }
         hook::run(what, argv, &[], timeout)
             .await
             .map_err(RemediateError::Maintenance)?;
+        self.set_maintenance(false)
+    }
+
+    /// Records maintenance mode. Entering is recorded on disk before the hook runs (if that
+    /// fails, the hook does not run and nothing changes); leaving is recorded after the exit
+    /// hook ran, in memory whatever the disk does, since the host did leave it.
+    fn set_maintenance(&self, active: bool) -> Result<(), RemediateError> {
         let mut state = lock(self.state);
-        state.maintenance_active = enter;
-        self.state_file
-            .save(&state)
-            .map_err(RemediateError::SaveState)
+        if active {
+            let mut next = state.clone();
+            next.maintenance_active = true;
+            self.state_file
+                .save(&next)
+                .map_err(RemediateError::SaveState)?;
+            *state = next;
+            Ok(())
+        } else {
+            state.maintenance_active = false;
+            self.state_file
+                .save(&state)
+                .map_err(RemediateError::SaveState)
+        }
     }
 }

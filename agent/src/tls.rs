@@ -42,8 +42,9 @@ pub fn load_certs(
         path: path.to_owned(),
         detail,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| load(e.to_string()))?
+    let pem = crate::fsutil::read_config_file(path, crate::fsutil::MAX_CONFIG_FILE)
+        .map_err(|e| load(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| load(e.to_string()))?;
     if certs.is_empty() {
@@ -54,11 +55,14 @@ pub fn load_certs(
 
 /// Loads a PEM private key.
 pub fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Load {
+    let load = |detail: String| TlsError::Load {
         what,
         path: path.to_owned(),
-        detail: e.to_string(),
-    })
+        detail,
+    };
+    let pem = crate::fsutil::read_config_file(path, crate::fsutil::MAX_CONFIG_FILE)
+        .map_err(|e| load(e.to_string()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| load(e.to_string()))
 }
 
 /// The server configuration for the mTLS listener.

@@ -366,6 +366,16 @@ impl Config {
                 "must be an absolute path or \"\"",
             ));
         }
+        if !self.scratch.volatile_path.as_os_str().is_empty()
+            && (self.scratch.volatile_path.starts_with(&self.scratch.path)
+                || self.scratch.path.starts_with(&self.scratch.volatile_path))
+        {
+            // Each is a store with its own lock: one inside the other locks itself out.
+            return Err(invalid(
+                "scratch.volatile_path",
+                "must be outside scratch.path (and scratch.path outside it)",
+            ));
+        }
         if self.scratch.concurrency == 0 || self.scratch.concurrency > 64 {
             return Err(invalid("scratch.concurrency", "must be between 1 and 64"));
         }
@@ -388,6 +398,20 @@ impl Config {
         }
         if self.trust.threshold == 0 {
             return Err(invalid("trust.threshold", "must be at least 1"));
+        }
+        for (role, name) in [(RoleName::Image, "image"), (RoleName::Vib, "vib")] {
+            let keys = self.trust.keys.iter().filter(|k| k.role == role).count();
+            if keys > 0 && keys < self.trust.threshold {
+                // Every document needs `threshold` distinct keys of its role: with fewer, no
+                // image (or descriptor) could ever be accepted.
+                return Err(invalid(
+                    "trust.threshold",
+                    &format!(
+                        "is {} but only {keys} key(s) have role = \"{name}\": nothing could be accepted",
+                        self.trust.threshold
+                    ),
+                ));
+            }
         }
         for entry in &self.trust.keys {
             if entry.role == RoleName::Image && entry.max_acceptance.is_some() {

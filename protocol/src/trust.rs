@@ -333,6 +333,7 @@ pub fn verify_image_content(
 
     let mut components = HashSet::new();
     let mut vib_names = HashSet::new();
+    let mut sizes: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
     let mut vibs = Vec::new();
     for component in &image.components {
         check_text("component version", component.version.as_str(), 64).map_err(malformed)?;
@@ -359,6 +360,16 @@ pub fn verify_image_content(
             }
             if !vib_names.insert((d.name.clone(), d.target)) {
                 return Err(malformed(format!("VIB {} is listed twice", d.name)));
+            }
+            // One blob, one size: two descriptors of the same bytes that disagree on their
+            // length cannot both be right, and staging could satisfy only one of them.
+            if let Some(other) = sizes.insert(d.sha256, d.size)
+                && other != d.size
+            {
+                return Err(malformed(format!(
+                    "VIB {} declares sha256:{} with {} bytes, another VIB of the image the same bytes with {other}",
+                    d.name, d.sha256, d.size
+                )));
             }
             vibs.push(vib);
         }

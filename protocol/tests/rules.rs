@@ -371,3 +371,33 @@ fn a_key_id_is_tried_once_however_often_it_signs() {
         Err(ErrorCode::SignatureInvalid)
     );
 }
+
+#[test]
+fn two_descriptors_of_the_same_bytes_with_different_sizes_are_refused() {
+    // Found by an outside review: staging could satisfy only one of them, and the stage then
+    // failed `internal` after its download instead of the request being refused.
+    let a = descriptor("tools", AcceptanceLevel::Partner);
+    let mut b = descriptor("tools2", AcceptanceLevel::Partner);
+    b.sha256 = a.sha256;
+    b.size = a.size + 5;
+    let env = signed(&image_with(
+        vec![vib(&a), vib(&b)],
+        8,
+        datetime!(2030-01-01 00:00 UTC),
+    ));
+    assert_eq!(
+        check(&serde_json::to_string(&env).expect("json"), &store()),
+        Err(ErrorCode::BadRequest)
+    );
+    // The same bytes under two names with the same size stay fine.
+    b.size = a.size;
+    let env = signed(&image_with(
+        vec![vib(&a), vib(&b)],
+        8,
+        datetime!(2030-01-01 00:00 UTC),
+    ));
+    assert_eq!(
+        check(&serde_json::to_string(&env).expect("json"), &store()),
+        Ok(())
+    );
+}

@@ -512,3 +512,186 @@ fn depot_password_never_reaches_tasks_or_logs() {
         "the message still names the depot: {done}"
     );
 }
+
+// ---- a second outside review (black-box, after issues 11–18) --------------------------------
+
+/// A started-then-stopped agent, so that its store's layout exists to plant things in.
+fn agent_with_layout(world: &World, opts: AgentOptions) -> AgentProc {
+    let mut agent = world.agent("esx-01", opts);
+    agent.start();
+    agent.terminate(Duration::from_secs(10));
+    agent
+}
+
+#[test]
+fn a_hard_link_planted_as_a_partial_download_never_writes_the_file_it_links_to() {
+    let world = World::new();
+    let digests = world.add_vibs(&[
+        VibFile::software("esx-base", 300_000),
+        VibFile::software("esx-ui", 50_000),
+    ]);
+    let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    let mut agent = agent_with_layout(&world, AgentOptions::default());
+    let victim = world.dir.path().join("victim.conf");
+    std::fs::write(&victim, b"root's precious config").expect("victim");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let ingest = agent.scratch.join("ingest");
+    std::fs::hard_link(&victim, ingest.join(format!("{}.partial", digests[0]))).expect("link");
+    // And a directory where the other VIB's partial would go.
+    std::fs::create_dir(ingest.join(format!("{}.partial", digests[1]))).expect("dir");
+    agent.start();
+    let task = agent.stage_and_wait(&image, &world.depot.url());
+    assert_eq!(task["state"], "succeeded", "{task}");
+    assert_eq!(
+        std::fs::read(&victim).expect("victim"),
+        b"root's precious config"
+    );
+    let meta = std::fs::metadata(&victim).expect("victim");
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o644,
+        "the victim was chmodded"
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::nlink(&meta),
+        1,
+        "still linked from scratch"
+    );
+    for (name, ok) in agent.blobs() {
+        assert!(ok, "blob {name} holds wrong bytes");
+    }
+}
+
+#[test]
+fn a_symlink_planted_as_an_image_record_does_not_keep_the_agent_from_starting() {
+    let world = World::new();
+    let mut agent = agent_with_layout(&world, AgentOptions::default());
+    let record = agent
+        .scratch
+        .join(format!("images/sha256:{}.json", "ab".repeat(32)));
+    std::os::unix::fs::symlink("/etc/passwd", &record).expect("plant");
+    agent.start();
+    assert_eq!(agent.request("GET", "/v1/staged", None).status, 200);
+    assert!(
+        std::fs::symlink_metadata(&record).is_err(),
+        "the link is still where a record belongs"
+    );
+}
+
+#[test]
+fn killed_while_entering_maintenance_mode_the_agent_knows_it_may_be_in_it() {
+    let world = World::new();
+    world.add_vibs(&[VibFile::software("esx-base", 50_000)]);
+    let image = world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
+    let log = world.dir.path().join("hooks.log");
+    let mut agent = world.agent(
+        "esx-01",
+        AgentOptions {
+            extra: format!(
+                r#"
+[maintenance]
+enter = ["sh", "-c", "echo enter-start >> {log}; sleep 2; echo enter-done >> {log}"]
+exit = ["sh", "-c", "echo exit >> {log}"]
+timeout_secs = 20
+"#,
+                log = log.display()
+            ),
+            ..AgentOptions::default()
+        },
+    );
+    agent.start();
+    let r = agent.request(
+        "POST",
+        "/v1/remediate",
+        Some(&json!({"image": image, "depot": world.depot.url()})),
+    );
+    started_task(&r);
+    wait_until(Duration::from_secs(30), "the enter hook to start", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("enter-start"))
+    });
+    agent.kill9();
+    agent.start();
+    let status = agent.status();
+    assert_eq!(
+        status["maintenance"]["active"], true,
+        "the enter hook may have finished without the agent: {status}"
+    );
+    let done = remediate(&agent, &image, &world.depot.url());
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(agent.status()["maintenance"]["active"], false);
+    let hooks = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(hooks.lines().last(), Some("exit"), "{hooks}");
+}
+
+fn check_config(agent: &AgentProc) -> (bool, String) {
+    let out = std::process::Command::new(vibstage_e2e::vibstaged())
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("--check-config")
+        .output()
+        .expect("vibstaged");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_refuses_what_could_never_work_and_never_reads_for_ever() {
+    let world = World::new();
+    let agent = world.agent("esx-01", AgentOptions::default());
+    let original = std::fs::read_to_string(&agent.config).expect("config");
+    let image_pub = world.dir.path().join("image.pub").display().to_string();
+    let big = world.dir.path().join("big.pub");
+    std::fs::write(&big, vec![b'A'; 2 << 20]).expect("big");
+    for (change, expect) in [
+        (
+            original.replace(&image_pub, "/dev/zero"),
+            "not a regular file",
+        ),
+        (
+            original.replace(&image_pub, &big.display().to_string()),
+            "larger than",
+        ),
+        (
+            original.replace("[depot]\n", "[trust]\nthreshold = 2\n\n[depot]\n"),
+            "trust.threshold",
+        ),
+        (
+            original.replace(
+                &format!(
+                    "volatile_path = \"{}\"",
+                    agent.home.join("volatile").display()
+                ),
+                &format!("volatile_path = \"{}\"", agent.scratch.display()),
+            ),
+            "scratch.volatile_path",
+        ),
+    ] {
+        assert_ne!(change, original, "the change did not apply");
+        std::fs::write(&agent.config, &change).expect("config");
+        let (ok, stderr) = check_config(&agent);
+        assert!(!ok && stderr.contains(expect), "{expect}: {stderr}");
+    }
+}
+
+#[test]
+fn a_socket_directory_others_can_write_is_refused() {
+    let world = World::new();
+    let mut agent = world.agent("esx-01", AgentOptions::default());
+    let shared = world.dir.path().join("run-shared");
+    std::fs::create_dir(&shared).expect("dir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let config = std::fs::read_to_string(&agent.config)
+        .expect("config")
+        .replace(
+            &agent.socket.display().to_string(),
+            &shared.join("api.sock").display().to_string(),
+        );
+    std::fs::write(&agent.config, config).expect("config");
+    let log = refused_start(&mut agent);
+    assert!(
+        log.contains(&shared.display().to_string()) && log.contains("writable by group or others"),
+        "{log}"
+    );
+}

@@ -18,15 +18,31 @@ impl Store {
     /// partial file are re-hashed so the final check covers every byte.
     pub fn ingest(&self, digest: Digest, size: u64) -> Result<Ingest, StoreError> {
         let path = self.partial_path(&digest);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))?;
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))
+        };
+        let mut file = open()?;
+        // Only a partial the agent wrote is resumed: a regular file of its own with one link.
+        // A hard link planted here would make the download write into (and chmod) a file
+        // elsewhere; its name is removed (never the file it links to) and the download starts
+        // from nothing.
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", &path, e, String::new))?;
+        if !own_single_file(&meta) {
+            tracing::warn!(path = %path.display(), links = meta.nlink(), uid = meta.uid(), "a partial download that is not the agent's own file was removed");
+            drop(file);
+            fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e, String::new))?;
+            file = open()?;
+        }
         let mut ingest = Ingest {
             file: io::BufWriter::with_capacity(
                 256 << 10,

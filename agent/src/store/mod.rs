@@ -215,6 +215,23 @@ impl Store {
     }
 }
 
+/// Whether a file is one the agent may write or chmod: a regular file it owns, with one link.
+fn own_single_file(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_file() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.nlink() == 1
+}
+
+/// Removes a directory entry whatever it is (a directory planted where a file belongs too).
+fn remove_entry(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_dir() => {
+            let _ = fs::remove_dir_all(path);
+        }
+        _ => {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
 /// Creates (if needed) and exclusively locks a store's lock file.
 fn take_lock(lock_path: &Path) -> Result<File, StoreError> {
     // Never through a symlink (issue 11, item 4): a planted `lock -> /etc/...` is an error.

@@ -78,6 +78,14 @@ impl Store {
             else {
                 continue;
             };
+            // Something else than a file of the agent's (a symlink, a directory, a hard link)
+            // is no record: moved aside, never followed, and the agent still starts.
+            if !fs::symlink_metadata(&path).is_ok_and(|m| own_single_file(&m)) {
+                let aside = path.with_extension("json.broken");
+                let _ = fs::rename(&path, &aside);
+                quarantined.push(aside);
+                continue;
+            }
             match fsutil::read_json::<ImageRecord>(&path) {
                 Ok(Loaded::Ok(r)) if r.image.digest == digest => out.push(r),
                 Ok(Loaded::Ok(_)) => {

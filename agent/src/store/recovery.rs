@@ -45,10 +45,11 @@ impl Store {
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > max_partial_age);
-            if valid && !old && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let own = fs::symlink_metadata(&path).is_ok_and(|m| own_single_file(&m));
+            if valid && !old && own {
                 rec.partials_kept += 1;
             } else {
-                let _ = fs::remove_file(&path);
+                remove_entry(&path);
                 rec.strays_removed.push(path);
             }
         }
@@ -65,12 +66,13 @@ impl Store {
                 .to_str()
                 .and_then(|n| n.parse::<Digest>().ok())
             else {
-                let _ = fs::remove_file(&path);
+                remove_entry(&path);
                 rec.strays_removed.push(path);
                 continue;
             };
-            if !meta.file_type().is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
-                let _ = fs::remove_file(&path);
+            // A hard link here would make the chmod below change a file elsewhere.
+            if !own_single_file(&meta) {
+                remove_entry(&path);
                 rec.blobs_removed.push(digest);
                 continue;
             }
