@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::dsse::{Envelope, key_id, signature_verifies_over};
 use crate::error::{DocKind, VerifyError};
 use crate::model::{Image, VibDescriptor, check_text};
-use crate::types::{AcceptanceLevel, ImageDigest, KeyId, Name};
+use crate::types::{AcceptanceLevel, Digest, ImageDigest, KeyId, Name};
 use crate::{IMAGE_PAYLOAD_TYPE, VIB_PAYLOAD_TYPE};
 
 /// What a trusted key may sign.

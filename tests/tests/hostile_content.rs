@@ -277,10 +277,25 @@ fn hostile_signed_content_is_refused_with_its_code() {
 
 #[test]
 fn a_signature_repeated_does_not_meet_a_threshold_of_two() {
-    let mut t = Target::new(AgentOptions {
-        extra: "\n[trust]\nthreshold = 2\n".into(),
-        ..AgentOptions::default()
-    });
+    let mut t = Target::new(AgentOptions::default());
+    // Two keys of each role, so that a threshold of 2 can be met at all: a configuration where
+    // it cannot is refused at start-up.
+    let dir = t.world.dir.path().to_owned();
+    for (name, seed) in [("image2", 41u8), ("vendor2", 42u8)] {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let pem = vibstage_protocol::dsse::verifying_key_to_pem(&key.verifying_key()).expect("pem");
+        std::fs::write(dir.join(format!("{name}.pub")), pem).expect("pub");
+    }
+    t.agent.terminate(std::time::Duration::from_secs(10));
+    let d = dir.display();
+    t.agent.merge_config(&format!(
+        "[trust]\nthreshold = 2\n\
+         [[trust.keys]]\nfile = \"{d}/image.pub\"\nrole = \"image\"\n\
+         [[trust.keys]]\nfile = \"{d}/image2.pub\"\nrole = \"image\"\n\
+         [[trust.keys]]\nfile = \"{d}/vendor.pub\"\nrole = \"vib\"\nmax_acceptance = \"partner\"\n\
+         [[trust.keys]]\nfile = \"{d}/vendor2.pub\"\nrole = \"vib\"\nmax_acceptance = \"partner\"\n"
+    ));
+    t.agent.start();
     let image = t.world.image("esx-8.0u2", 1, &["ESXi=8.0.2-0.20"]);
     let mut twice = image.clone();
     twice.signatures.push(image.signatures[0].clone());

@@ -654,7 +654,7 @@ fn check_config_refuses_what_could_never_work_and_never_reads_for_ever() {
             "larger than",
         ),
         (
-            original.replace("[depot]\n", "[trust]\nthreshold = 2\n\n[depot]\n"),
+            original.replace("threshold = 1\n", "threshold = 2\n"),
             "trust.threshold",
         ),
         (
