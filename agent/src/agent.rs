@@ -207,7 +207,7 @@ impl Agent {
         &self.tasks
     }
 
-    /// Counters.
+    /// The counters `/metrics` renders (verification failures, downloads, tasks).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

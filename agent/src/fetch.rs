@@ -31,7 +31,7 @@ pub enum FetchError {
     BadDepot {
         /// The URL given.
         url: String,
-        /// Why.
+        /// What is wrong, in words for the operator (the message ends with it).
         reason: String,
     },
     /// The depot could not be reached or answered wrongly.
@@ -161,7 +161,8 @@ impl Fetcher {
         })
     }
 
-    /// Counters.
+    /// Bytes and downloads so far, by depot, for `/metrics` and for a task's report of which
+    /// depot served what.
     pub fn stats(&self) -> &Arc<FetchStats> {
         &self.stats
     }

@@ -194,7 +194,7 @@ pub enum PrivateDirError {
     Io {
         /// The directory.
         path: PathBuf,
-        /// Why.
+        /// The underlying error: what the OS or library said, kept as `source()`.
         #[source]
         source: io::Error,
     },

@@ -40,7 +40,7 @@ pub enum StageError {
         vib: String,
         /// Its blob.
         digest: Digest,
-        /// Why.
+        /// The underlying error: what the OS or library said, kept as `source()`.
         #[source]
         source: Box<FetchError>,
     },

@@ -19,7 +19,7 @@ pub enum TlsError {
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// What is wrong, in words for the operator (the message ends with it).
         detail: String,
     },
     /// rustls refused the combination.

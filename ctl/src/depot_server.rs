@@ -29,7 +29,7 @@ pub enum DepotServerError {
     Root {
         /// The directory.
         path: PathBuf,
-        /// Why.
+        /// What is wrong, in words for the operator (the message ends with it).
         detail: String,
     },
     /// The certificate or key is unusable.
@@ -40,7 +40,7 @@ pub enum DepotServerError {
     Bind {
         /// The address asked for.
         addr: SocketAddr,
-        /// Why.
+        /// The underlying error: what the OS or library said, kept as `source()`.
         #[source]
         source: std::io::Error,
     },

@@ -23,7 +23,7 @@ pub enum ConfigError {
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// The underlying error: what the OS or library said, kept as `source()`.
         #[source]
         source: std::io::Error,
     },

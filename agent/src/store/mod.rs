@@ -85,7 +85,7 @@ pub enum StoreError {
         action: &'static str,
         /// On what.
         path: PathBuf,
-        /// Why.
+        /// The underlying error: what the OS or library said, kept as `source()`.
         #[source]
         source: io::Error,
     },

@@ -90,7 +90,7 @@ pub enum VibError {
     BadName {
         /// The name as found (cut to 80 characters).
         name: String,
-        /// Why.
+        /// What is wrong, in words for the operator (the message ends with it).
         reason: &'static str,
     },
     /// Two members or entries have the same name.
