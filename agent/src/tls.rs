@@ -32,19 +32,28 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// A [`TlsError::Load`] of the file `path` holding `what`.
+fn load_error<'a>(what: &'static str, path: &'a Path) -> impl Fn(String) -> TlsError + 'a {
+    move |detail| TlsError::Load {
+        what,
+        path: path.to_owned(),
+        detail,
+    }
+}
+
+/// The bytes of a PEM file, bounded like every configuration file.
+fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::fsutil::read_config_file(path, crate::fsutil::MAX_CONFIG_FILE)
+        .map_err(|e| load_error(what, path)(e.to_string()))
+}
+
 /// Loads every certificate of a PEM file.
 pub fn load_certs(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let load = |detail: String| TlsError::Load {
-        what,
-        path: path.to_owned(),
-        detail,
-    };
-    let pem = crate::fsutil::read_config_file(path, crate::fsutil::MAX_CONFIG_FILE)
-        .map_err(|e| load(e.to_string()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    let load = load_error(what, path);
+    let certs = CertificateDer::pem_slice_iter(&read_pem(what, path)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| load(e.to_string()))?;
     if certs.is_empty() {
@@ -55,14 +64,8 @@ pub fn load_certs(
 
 /// Loads a PEM private key.
 pub fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let load = |detail: String| TlsError::Load {
-        what,
-        path: path.to_owned(),
-        detail,
-    };
-    let pem = crate::fsutil::read_config_file(path, crate::fsutil::MAX_CONFIG_FILE)
-        .map_err(|e| load(e.to_string()))?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| load(e.to_string()))
+    PrivateKeyDer::from_pem_slice(&read_pem(what, path)?)
+        .map_err(|e| load_error(what, path)(e.to_string()))
 }
 
 /// The server configuration for the mTLS listener.

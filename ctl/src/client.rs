@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vibstage_protocol::ErrorCode;
 use vibstage_protocol::api::{ErrorBody, ErrorDetail};
-use vibstage_protocol::error::error_chain;
+use vibstage_protocol::error::{error_chain, without_os_error};
 
 /// The most bytes of one answer body the controller reads. The largest SPEC answer (a task list
 /// or a status with notifications) is a few KiB; a body beyond this is a host misbehaving and is
@@ -243,13 +243,20 @@ fn chain(e: reqwest::Error) -> String {
     error_chain(&e.without_url())
 }
 
+/// What every client of an agent has: no redirects (a redirect would carry the signed image and
+/// our certificate to a place the operator never named, issue 18 item 1: a 3xx is an answer,
+/// not an instruction) and a 10 s limit on connecting.
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+}
+
 impl AgentClient {
     /// The local agent on `socket`.
     pub fn local(socket: &Path) -> Result<AgentClient, ClientError> {
-        let client = reqwest::Client::builder()
+        let client = builder()
             .unix_socket(socket)
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Setup(chain(e)))?;
         Ok(AgentClient {
@@ -263,8 +270,7 @@ impl AgentClient {
     pub fn remote(addr: &HostAddr, name: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
         let read = |file: &str| {
             std::fs::read(tls_dir.join(file)).map_err(|e| {
-                let e = e.to_string();
-                let e = e.split(" (os error").next().unwrap_or_default();
+                let e = without_os_error(e.to_string());
                 ClientError::Setup(format!(
                     "cannot read {}: {e} (--tls-dir holds ca.pem, client.pem and client.key, as \
                      written by `vibstagectl certs init`)",
@@ -278,14 +284,10 @@ impl AgentClient {
         identity.extend_from_slice(&read("client.key")?);
         let identity = reqwest::Identity::from_pem(&identity)
             .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {}", chain(e))))?;
-        let client = reqwest::Client::builder()
+        let client = builder()
             .tls_certs_only(ca)
             .identity(identity)
             .https_only(true)
-            // A redirect would carry the signed image and our certificate to a place the
-            // operator never named (issue 18, item 1): a 3xx is an answer, not an instruction.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ClientError::Setup(chain(e)))?;
         Ok(AgentClient {
