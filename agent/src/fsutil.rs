@@ -43,6 +43,19 @@ fn temporary_beside(path: &Path) -> io::Result<PathBuf> {
     )))
 }
 
+/// Opens `path` for reading and writing, creating it (mode 0600) if it is missing, never
+/// truncating it and never through a symlink: the store's lock file and partial downloads.
+pub fn open_private_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Creates a new file (never an existing one, never through a symlink) with `mode`.
 pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
     let file = OpenOptions::new()

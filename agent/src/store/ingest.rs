@@ -19,14 +19,7 @@ impl Store {
     pub fn ingest(&self, digest: Digest, size: u64) -> Result<Ingest, StoreError> {
         let path = self.partial_path(&digest);
         let open = || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
+            fsutil::open_private_rw(&path)
                 .map_err(|e| StoreError::io("open", &path, e, || format!("sha256:{digest}")))
         };
         let mut file = open()?;

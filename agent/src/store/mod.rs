@@ -235,15 +235,7 @@ fn remove_entry(path: &Path) {
 /// Creates (if needed) and exclusively locks a store's lock file.
 fn take_lock(lock_path: &Path) -> Result<File, StoreError> {
     // Never through a symlink (issue 11, item 4): a planted `lock -> /etc/...` is an error.
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(lock_path)
-        .map_err(|e| {
+    let lock = fsutil::open_private_rw(lock_path).map_err(|e| {
             if e.raw_os_error() == Some(nix::libc::ELOOP) {
                 StoreError::Dir(PrivateDirError::Insecure {
                     path: lock_path.to_owned(),
