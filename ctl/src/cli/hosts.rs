@@ -445,7 +445,10 @@ pub(crate) async fn follow(
 /// A task's outcome. `succeeded` counts only with no error: a host that says both is not
 /// believed.
 fn task_outcome(task: &Task) -> Outcome {
-    let failed = task.state != TaskState::Succeeded || task.error.is_some();
+    // A task still queued or running has not failed: `task ID` without `--wait` reports it
+    // and succeeds (found by an outside review: it exited 1, "task failed").
+    let failed =
+        matches!(task.state, TaskState::Failed | TaskState::Cancelled) || task.error.is_some();
     let line = match &task.error {
         Some(e) if task.state == TaskState::Succeeded => format!(
             "failed: task {} claims to have succeeded but reports an error: {}: {}",
@@ -743,5 +746,33 @@ mod tests {
         let o = task_outcome(&task);
         assert!(o.failed);
         assert!(o.line.starts_with("failed:"), "{}", o.line);
+    }
+
+    #[test]
+    fn a_running_task_is_reported_not_failed() {
+        let now = time::OffsetDateTime::now_utc();
+        for (state, failed) in [
+            (TaskState::Queued, false),
+            (TaskState::Running, false),
+            (TaskState::Succeeded, false),
+            (TaskState::Failed, true),
+            (TaskState::Cancelled, true),
+        ] {
+            let task = Task {
+                id: "t1".into(),
+                kind: vibstage_protocol::api::TaskKind::Stage,
+                state,
+                progress: Default::default(),
+                error: None,
+                created_at: now,
+                updated_at: now,
+                image: None,
+                bytes_downloaded: 0,
+                notifications: vec![],
+                step: None,
+                depots: vec![],
+            };
+            assert_eq!(task_outcome(&task).failed, failed, "{state:?}");
+        }
     }
 }
