@@ -8,9 +8,10 @@
 //!   the digest in its name.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use vibstage_protocol::Digest;
+use serde_json::{Value, json};
+use vibstage_protocol::{Digest, Envelope};
 
 use crate::{AgentProc, World};
 
@@ -137,4 +138,61 @@ pub fn bank_digest(agent: &AgentProc) -> Option<String> {
     let bytes = std::fs::read(manifest).ok()?;
     let m: Value = serde_json::from_slice(&bytes).expect("torn bank manifest");
     m["image"]["digest"].as_str().map(str::to_owned)
+}
+
+/// Brings an interrupted run to its end as an operator would: waits for a running task, and
+/// requests the remediation of `image` (digest `digest`) again until the host is compliant with
+/// it and out of maintenance mode (at most 5 requests). Returns how many requests it took.
+/// Used by the crash loop after every restart and by the power-loss loop after every reboot.
+pub fn remediate_until_done(
+    agent: &AgentProc,
+    image: &Envelope,
+    digest: &str,
+    depot: &str,
+) -> usize {
+    let body = json!({"image": image, "depot": depot});
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut requests = 0;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "work never completed\n{}",
+            agent.log_text()
+        );
+        let status = agent.status();
+        let done = status["compliance"]["status"] == "compliant"
+            && status["installed"]["image"]["digest"] == digest
+            && status["maintenance"]["active"] == false;
+        if done {
+            return requests;
+        }
+        if let Some(id) = status["running_task"].as_str() {
+            agent.wait_task(id, 120);
+            continue;
+        }
+        requests += 1;
+        assert!(
+            requests <= 5,
+            "remediation keeps failing: {status}\n{}",
+            agent.log_text()
+        );
+        let r = agent.request("POST", "/v1/remediate", Some(&body));
+        match r.status {
+            202 => {
+                let id = r.json["task"]["id"].as_str().expect("task id").to_owned();
+                let task = agent.wait_task(&id, 120);
+                assert_eq!(
+                    task["state"],
+                    "succeeded",
+                    "remediation after an interruption: {task}\n{}",
+                    agent.log_text()
+                );
+            }
+            200 => assert!(
+                status["maintenance"]["active"] == false,
+                "the host is left in maintenance mode: remediation answers 'nothing to do': {status}"
+            ),
+            _ => panic!("remediate: {} {}", r.status, r.body),
+        }
+    }
 }

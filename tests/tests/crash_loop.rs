@@ -35,7 +35,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use vibstage_e2e::invariants::{bank_digest, check_down};
+use vibstage_e2e::invariants::{bank_digest, check_down, remediate_until_done};
 use vibstage_e2e::{ANY_PATH, AgentOptions, AgentProc, Fault, VibFile, World};
 use vibstage_protocol::{Digest, Envelope};
 
@@ -227,56 +227,6 @@ fn run_until(
     }
 }
 
-/// After a kill and restart: remediate until the host runs `generation`, as an operator would.
-/// Returns how many remediation requests it took.
-fn complete(agent: &AgentProc, generation: &Generation, depot: &str) -> usize {
-    let body = json!({"image": generation.image, "depot": depot});
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut requests = 0;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "work never completed\n{}",
-            agent.log_text()
-        );
-        let status = agent.status();
-        let done = status["compliance"]["status"] == "compliant"
-            && status["installed"]["image"]["digest"] == generation.digest.as_str()
-            && status["maintenance"]["active"] == false;
-        if done {
-            return requests;
-        }
-        if let Some(id) = status["running_task"].as_str() {
-            agent.wait_task(id, 120);
-            continue;
-        }
-        requests += 1;
-        assert!(
-            requests <= 5,
-            "remediation keeps failing: {status}\n{}",
-            agent.log_text()
-        );
-        let r = agent.request("POST", "/v1/remediate", Some(&body));
-        match r.status {
-            202 => {
-                let id = r.json["task"]["id"].as_str().expect("task id").to_owned();
-                let task = agent.wait_task(&id, 120);
-                assert_eq!(
-                    task["state"],
-                    "succeeded",
-                    "remediation after a restart: {task}\n{}",
-                    agent.log_text()
-                );
-            }
-            200 => assert!(
-                status["maintenance"]["active"] == false,
-                "the host is left in maintenance mode: remediation answers 'nothing to do': {status}"
-            ),
-            _ => panic!("remediate: {} {}", r.status, r.body),
-        }
-    }
-}
-
 /// The end of an iteration: the new image is installed, maintenance left, nothing staged, and
 /// every entry into maintenance happened with the whole image staged.
 fn check_completed(
@@ -425,7 +375,7 @@ fn stage_and_remediate_survive_sigkill_at_random_moments() {
             restart_kill = Some(again);
         }
         check_restarted(&agent, cut_short);
-        let requests = complete(&agent, &generation, &depot);
+        let requests = remediate_until_done(&agent, &generation.image, &generation.digest, &depot);
         rerequests += requests;
         check_completed(&agent, &generation, &hook_log, &marker, log_from);
         eprintln!(

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vibstage_e2e::invariants::{bank_digest, remediate_until_done};
 use vibstage_e2e::lazyfs::{self, Crash, LazyFs};
 use vibstage_e2e::{ANY_PATH, AgentOptions, AgentProc, Fault, VibFile, World};
 use vibstage_protocol::{Digest, Envelope};
@@ -422,13 +423,6 @@ fn check_disk(host: &Host, allowed_banks: &[&str]) -> (usize, usize) {
     (checked, torn_partials)
 }
 
-/// The installed image according to the bank, through the mount.
-fn bank_digest(agent: &AgentProc) -> Option<String> {
-    let bytes = std::fs::read(agent.state_dir.join("bootbank/current/manifest.json")).ok()?;
-    let m: Value = serde_json::from_slice(&bytes).expect("torn bank manifest");
-    m["image"]["digest"].as_str().map(str::to_owned)
-}
-
 /// After a reboot: the agent answers, agrees with the bank, quarantined nothing, and reports
 /// every staged image on the disk, complete.
 fn check_rebooted(host: &Host, log_from: usize) {
@@ -512,52 +506,6 @@ fn run(
     }
 }
 
-/// After a reboot: remediate until the host runs `generation`. Returns the requests it took.
-fn complete(agent: &AgentProc, generation: &Generation, depot: &str) -> usize {
-    let body = json!({"image": generation.image, "depot": depot});
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut requests = 0;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "work never completed\n{}",
-            agent.log_text()
-        );
-        let status = agent.status();
-        if status["compliance"]["status"] == "compliant"
-            && status["installed"]["image"]["digest"] == generation.digest.as_str()
-            && status["maintenance"]["active"] == false
-        {
-            return requests;
-        }
-        if let Some(id) = status["running_task"].as_str() {
-            agent.wait_task(id, 120);
-            continue;
-        }
-        requests += 1;
-        assert!(
-            requests <= 5,
-            "remediation keeps failing: {status}\n{}",
-            agent.log_text()
-        );
-        let r = agent.request("POST", "/v1/remediate", Some(&body));
-        match r.status {
-            202 => {
-                let id = r.json["task"]["id"].as_str().expect("task id").to_owned();
-                let task = agent.wait_task(&id, 120);
-                assert_eq!(
-                    task["state"],
-                    "succeeded",
-                    "remediation after a power cut: {task}\n{}",
-                    agent.log_text()
-                );
-            }
-            200 => assert_eq!(status["maintenance"]["active"], false, "{status}"),
-            _ => panic!("remediate: {} {}", r.status, r.body),
-        }
-    }
-}
-
 /// The end of an iteration: the new image installed, maintenance left, staged content removed,
 /// every entry into maintenance with the whole image staged (R7).
 fn check_completed(host: &Host, generation: &Generation, log_from: usize) {
@@ -629,7 +577,7 @@ fn stage_and_remediate_survive_power_cuts() {
         "succeeded"
     );
     let staged_after = t.elapsed();
-    complete(&host.agent, &probe, &depot);
+    remediate_until_done(&host.agent, &probe.image, &probe.digest, &depot);
     check_completed(&host, &probe, 0);
     eprintln!(
         "normal run: {} ms, staging {} ms",
@@ -747,7 +695,8 @@ fn stage_and_remediate_survive_power_cuts() {
         host.reboot();
         reboots += 1;
         check_rebooted(&host, log_from);
-        let requests = complete(&host.agent, &generation, &depot);
+        let requests =
+            remediate_until_done(&host.agent, &generation.image, &generation.digest, &depot);
         rerequests += requests;
         check_completed(&host, &generation, hooks_from);
         eprintln!(
