@@ -308,7 +308,7 @@ pub async fn run(config_path: PathBuf, scrub: bool) -> Result<(), DaemonError> {
             })?;
         tracing::info!(addr = %config.listen.tcp, "serving mTLS API");
         servers.spawn(server::serve(
-            Listener::Tcp(listener, cfg.clone()),
+            Listener::Tcp(listener, cfg.clone(), agent.metrics().handshakes.clone()),
             app.clone(),
             shutdown_rx.clone(),
         ));

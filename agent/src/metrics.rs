@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use vibstage_protocol::ErrorCode;
 
 use crate::fetch::FetchStats;
+use crate::server::HandshakeStats;
 
 /// Counters the agent keeps.
 #[derive(Debug, Default)]
@@ -16,6 +17,8 @@ pub struct Metrics {
     verification_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Depot client counters.
     pub fetch: Arc<FetchStats>,
+    /// The mTLS listener's handshakes.
+    pub handshakes: Arc<HandshakeStats>,
 }
 
 impl Metrics {
@@ -77,6 +80,22 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vibstage_tls_handshakes_total TLS handshakes on the mTLS listener by result."
+        );
+        let _ = writeln!(out, "# TYPE vibstage_tls_handshakes_total counter");
+        for (result, n) in [
+            ("completed", &self.handshakes.completed),
+            ("failed", &self.handshakes.failed),
+            ("turned_away", &self.handshakes.turned_away),
+        ] {
+            let _ = writeln!(
+                out,
+                "vibstage_tls_handshakes_total{{result=\"{result}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(
             out,

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,11 +47,29 @@ const LINGER_BYTES: usize = 8 << 20;
 /// The TLS server configuration, replaceable on SIGHUP.
 pub type TlsConfig = Arc<RwLock<Arc<rustls::ServerConfig>>>;
 
+/// What happened to the TLS handshakes of a listener (`vibstage_tls_handshakes_total`): how
+/// many connections the clients of a fleet cost, and whether anyone is knocking who should not.
+#[derive(Debug, Default)]
+pub struct HandshakeStats {
+    /// Handshakes that authenticated a client.
+    pub completed: AtomicU64,
+    /// Handshakes refused (no or a bad client certificate, not TLS) or timed out.
+    pub failed: AtomicU64,
+    /// Connections closed before any handshake: their source had too many in progress.
+    pub turned_away: AtomicU64,
+}
+
+impl HandshakeStats {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A bound listener.
 #[derive(Debug)]
 pub enum Listener {
-    /// mTLS over TCP.
-    Tcp(TcpListener, TlsConfig),
+    /// mTLS over TCP, counting its handshakes.
+    Tcp(TcpListener, TlsConfig, Arc<HandshakeStats>),
     /// The local root socket.
     Unix(UnixListener),
 }
@@ -117,8 +136,9 @@ pub async fn serve(listener: Listener, app: Router, mut shutdown: watch::Receive
         };
         let (app, shutdown) = (app.clone(), shutdown.clone());
         match accepted {
-            Ok(Accepted::Tcp(stream, ip, config)) => {
+            Ok(Accepted::Tcp(stream, ip, config, stats)) => {
                 let Some(source) = sources.enter(ip) else {
+                    HandshakeStats::count(&stats.turned_away);
                     tracing::debug!(%ip, "too many TLS handshakes from this address; connection closed");
                     continue;
                 };
@@ -126,8 +146,10 @@ pub async fn serve(listener: Listener, app: Router, mut shutdown: watch::Receive
                 connections.spawn(async move {
                     let handshake = (permit, source);
                     let Some(tls) = handshake_tls(stream, ip, config).await else {
+                        HandshakeStats::count(&stats.failed);
                         return;
                     };
+                    HandshakeStats::count(&stats.completed);
                     drop(handshake);
                     let Some(_permit) = connection_slot(limit, ip).await else {
                         return;
@@ -197,17 +219,27 @@ async fn connection_slot(limit: Arc<Semaphore>, ip: IpAddr) -> Option<OwnedSemap
 }
 
 enum Accepted {
-    Tcp(tokio::net::TcpStream, IpAddr, Arc<rustls::ServerConfig>),
+    Tcp(
+        tokio::net::TcpStream,
+        IpAddr,
+        Arc<rustls::ServerConfig>,
+        Arc<HandshakeStats>,
+    ),
     Unix(tokio::net::UnixStream),
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
     match listener {
-        Listener::Tcp(l, config) => {
+        Listener::Tcp(l, config, stats) => {
             let (stream, addr) = l.accept().await?;
             let _ = stream.set_nodelay(true);
             let config = config.read().unwrap_or_else(|p| p.into_inner()).clone();
-            Ok(Accepted::Tcp(stream, addr.ip().to_canonical(), config))
+            Ok(Accepted::Tcp(
+                stream,
+                addr.ip().to_canonical(),
+                config,
+                stats.clone(),
+            ))
         }
         Listener::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0)),
     }

@@ -16,6 +16,7 @@
 //! | P4 recovery and scrub | [`p4`] |
 //! | P5 fan-out | [`p5`] |
 //! | P6 API | [`p6`] with the load generator [`loadgen`] |
+//! | P7 fleet: one controller, 1,000 agents, degraded runs | [`p7`] |
 //! | P8 polite staging: workloads beside it, the rate limit | [`p8`] |
 //! | S1 a hostile signed envelope refused | [`s1`] |
 //!
@@ -32,6 +33,7 @@ pub mod p3;
 pub mod p4;
 pub mod p5;
 pub mod p6;
+pub mod p7;
 pub mod p8;
 pub mod procfs;
 pub mod report;
@@ -107,6 +109,16 @@ pub struct Sizes {
     pub p5_vib_size: u64,
     /// P5: repetitions.
     pub p5_runs: usize,
+    /// P7: agents of the fleet.
+    pub p7_agents: usize,
+    /// P7: VIBs of the image each agent stages.
+    pub p7_vibs: usize,
+    /// P7: bytes of each VIB.
+    pub p7_vib_size: u64,
+    /// P7: agents whose maintenance hook fails during remediation.
+    pub p7_failing: usize,
+    /// P7: stagings of the whole fleet (the median is reported).
+    pub p7_runs: usize,
     /// P6: keep-alive connections of the load generator.
     pub p6_connections: usize,
     /// P6: seconds of each measured window (after a warm-up of a fifth of it).
@@ -133,6 +145,11 @@ impl Sizes {
             p5_vibs: 2,
             p5_vib_size: 8 * MIB,
             p5_runs: 3,
+            p7_agents: 1000,
+            p7_vibs: 2,
+            p7_vib_size: 512 * KIB,
+            p7_failing: 3,
+            p7_runs: 3,
             p6_connections: 16,
             p6_secs: 5.0,
             p6_rate: 5000.0,
@@ -155,6 +172,11 @@ impl Sizes {
             p5_vibs: 2,
             p5_vib_size: 512 * KIB,
             p5_runs: 1,
+            p7_agents: 50,
+            p7_vibs: 2,
+            p7_vib_size: 64 * KIB,
+            p7_failing: 2,
+            p7_runs: 1,
             p6_connections: 4,
             p6_secs: 0.5,
             p6_rate: 500.0,
@@ -174,6 +196,7 @@ impl Sizes {
         self.p3_runs = runs;
         self.p4_runs = runs;
         self.p5_runs = runs;
+        self.p7_runs = runs;
         self.p6_runs = runs;
         self
     }
@@ -194,6 +217,8 @@ pub enum Figure {
     P5,
     /// Status requests per second and p99 over mTLS keep-alive.
     P6,
+    /// One controller and a fleet of 1,000 agents.
+    P7,
     /// Workloads kept while staging; `depot.max_bytes_per_sec` held.
     P8,
     /// A hostile envelope of thousands of signatures, refused.
@@ -252,6 +277,13 @@ pub fn run(
     }
     if figures.contains(&Figure::P6) {
         rows.extend(p6::run(&env, sizes, log)?);
+    }
+    if figures.contains(&Figure::P7) {
+        let rate = match p1_rate {
+            Some(r) => r,
+            None => p1::probe_rate(&env, sizes, log)?,
+        };
+        rows.extend(p7::run(&env, sizes, rate, log)?);
     }
     if figures.contains(&Figure::P8) {
         rows.extend(p8::run(&env, sizes, log)?);

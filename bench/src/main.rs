@@ -17,7 +17,7 @@ use vibstage_bench::{Figure, Options, Sizes, report};
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// What to run: `all`, or figures among p1 p2 p3 p4 p5 p6 p8 s1.
+    /// What to run: `all`, or figures among p1 p2 p3 p4 p5 p6 p7 p8 s1.
     #[arg(value_name = "WHAT", required = true)]
     what: Vec<String>,
     /// Small sizes and one run of each: checks the harness, measures nothing meaningful.
@@ -48,6 +48,7 @@ fn figures(what: &[String]) -> Result<Vec<Figure>, String> {
                 Figure::P4,
                 Figure::P5,
                 Figure::P6,
+                Figure::P7,
                 Figure::P8,
                 Figure::S1,
             ]),
@@ -57,11 +58,12 @@ fn figures(what: &[String]) -> Result<Vec<Figure>, String> {
             "p4" => out.push(Figure::P4),
             "p5" => out.push(Figure::P5),
             "p6" => out.push(Figure::P6),
+            "p7" => out.push(Figure::P7),
             "p8" => out.push(Figure::P8),
             "s1" => out.push(Figure::S1),
             other => {
                 return Err(format!(
-                    "unknown figure {other:?}: expected all, p1, p2, p3, p4, p5, p6, p8 or s1"
+                    "unknown figure {other:?}: expected all, p1, p2, p3, p4, p5, p6, p7, p8 or s1"
                 ));
             }
         }

@@ -80,6 +80,7 @@ impl Env {
         let server = issue_server(&ca, "127.0.0.1", from, to)
             .map_err(|e| BenchError::Setup(format!("server certificate: {e}")))?;
         write(&tls_dir.join("ca.pem"), ca.cert_pem())?;
+        write(&tls_dir.join("ca.key"), ca.key_pem())?;
         write(&tls_dir.join("client.pem"), &client.cert_pem)?;
         write(&tls_dir.join("client.key"), &client.key_pem)?;
         write(&tls_dir.join("server.pem"), &server.cert_pem)?;

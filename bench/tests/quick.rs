@@ -31,6 +31,7 @@ fn bench_quick_runs_every_figure_and_prints_the_table() {
         ("P4", 2),
         ("P5", 1),
         ("P6", 2),
+        ("P7", 6),
         ("P8", 3),
         ("S1", 2),
     ] {

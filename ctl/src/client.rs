@@ -13,10 +13,12 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 use vibstage_protocol::ErrorCode;
 use vibstage_protocol::api::{ErrorBody, ErrorDetail};
 use vibstage_protocol::error::{error_chain, without_os_error};
@@ -228,13 +230,118 @@ fn excerpt(bytes: &[u8]) -> String {
     short
 }
 
+/// The most ordinary requests (everything but long-polls) one command has in flight across all
+/// its hosts. Each of them may have to open a connection, and a controller that opens a
+/// thousand TLS connections at the same instant is a thundering herd: the hosts answer in a
+/// burst it then has to absorb, and where many agents share little CPU (this repository's
+/// 1,000-agent bench on 2 cores) their handshakes miss the agents' 3-second handshake deadline.
+/// Long-polls do not count: they wait on connections already open and mostly sit idle.
+pub const IN_FLIGHT: usize = 64;
+
+/// Times a request whose connection could not be set up is tried again, after
+/// [`CONNECT_BACKOFF`], then twice that: nothing reached the host, so trying again is safe even
+/// for a POST, and a host that is busy for a moment (a TLS handshake that missed the agent's
+/// deadline on a loaded host, a full accept queue) should not fail a fleet-wide rollout.
+const CONNECT_RETRIES: u32 = 2;
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether `e` failed to set up the connection (TCP or TLS) for a reason that may pass: not a
+/// refused connection (nothing listens: the agent is not running, and the operator should hear
+/// so at once) and not a certificate or TLS refusal, which no retry changes.
+fn worth_reconnecting(e: &reqwest::Error) -> bool {
+    if !e.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return false;
+        }
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(_)
+            | rustls::Error::PeerIncompatible(_)
+            | rustls::Error::PeerMisbehaved(_),
+        ) = tls
+        {
+            return false;
+        }
+        source = err.source();
+    }
+    true
+}
+
 /// A client bound to one agent.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
     client: reqwest::Client,
+    /// Shared by the hosts of one command: a permit per ordinary request in flight.
+    in_flight: Option<Arc<Semaphore>>,
     base: String,
     /// How the target is named in output.
     pub name: String,
+}
+
+/// What every remote agent of one command shares: the controller's identity and the CA, read
+/// and parsed once, and one HTTPS client, so one TLS configuration and one pool of kept-alive
+/// connections (a connection per host, reused by that host's polls) serve a thousand hosts as
+/// cheaply as one. Per-host clients would each parse the files, build a TLS configuration and
+/// keep a pool of their own.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    client: reqwest::Client,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Fleet {
+    /// Reads `ca.pem`, `client.pem` and `client.key` from `tls_dir`.
+    pub fn new(tls_dir: &Path) -> Result<Fleet, ClientError> {
+        let read = |file: &str| {
+            std::fs::read(tls_dir.join(file)).map_err(|e| {
+                let e = without_os_error(e.to_string());
+                ClientError::Setup(format!(
+                    "cannot read {}: {e} (--tls-dir holds ca.pem, client.pem and client.key, as \
+                     written by `vibstagectl certs init`)",
+                    tls_dir.join(file).display()
+                ))
+            })
+        };
+        let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)
+            .map_err(|e| ClientError::Setup(format!("ca.pem: {}", chain(e))))?;
+        let mut identity = read("client.pem")?;
+        identity.extend_from_slice(&read("client.key")?);
+        let identity = reqwest::Identity::from_pem(&identity)
+            .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {}", chain(e))))?;
+        let client = builder()
+            .tls_certs_only(ca)
+            .identity(identity)
+            .https_only(true)
+            .build()
+            .map_err(|e| ClientError::Setup(chain(e)))?;
+        Ok(Fleet {
+            client,
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+        })
+    }
+
+    /// The agent at `addr`, shown as `name`.
+    pub fn agent(&self, addr: &HostAddr, name: &str) -> AgentClient {
+        AgentClient {
+            client: self.client.clone(),
+            in_flight: Some(self.in_flight.clone()),
+            base: format!("https://{}", addr.authority()),
+            name: name.to_owned(),
+        }
+    }
 }
 
 /// The error and its causes ([`error_chain`]), without reqwest's URL (the host is already
@@ -261,52 +368,50 @@ impl AgentClient {
             .map_err(|e| ClientError::Setup(chain(e)))?;
         Ok(AgentClient {
             client,
+            in_flight: None,
             base: "http://localhost".into(),
             name: socket.display().to_string(),
         })
     }
 
     /// A remote agent at `addr` over mutual TLS with the files in `tls_dir`, shown as `name`.
+    /// For several agents, load the files once with [`Fleet::new`] instead.
     pub fn remote(addr: &HostAddr, name: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
-        let read = |file: &str| {
-            std::fs::read(tls_dir.join(file)).map_err(|e| {
-                let e = without_os_error(e.to_string());
-                ClientError::Setup(format!(
-                    "cannot read {}: {e} (--tls-dir holds ca.pem, client.pem and client.key, as \
-                     written by `vibstagectl certs init`)",
-                    tls_dir.join(file).display()
-                ))
-            })
-        };
-        let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)
-            .map_err(|e| ClientError::Setup(format!("ca.pem: {}", chain(e))))?;
-        let mut identity = read("client.pem")?;
-        identity.extend_from_slice(&read("client.key")?);
-        let identity = reqwest::Identity::from_pem(&identity)
-            .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {}", chain(e))))?;
-        let client = builder()
-            .tls_certs_only(ca)
-            .identity(identity)
-            .https_only(true)
-            .build()
-            .map_err(|e| ClientError::Setup(chain(e)))?;
-        Ok(AgentClient {
-            client,
-            base: format!("https://{}", addr.authority()),
-            name: name.to_owned(),
-        })
+        Ok(Fleet::new(tls_dir)?.agent(addr, name))
     }
 
+    /// Sends `request` and reads its answer. An ordinary request first waits for one of the
+    /// [`IN_FLIGHT`] permits; a long-poll (`long_poll`) does not.
     async fn send<T: DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
         timeout: Duration,
+        long_poll: bool,
     ) -> Result<(u16, T), ClientError> {
-        let mut response = request
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(chain(e)))?;
+        let mut retries = 0;
+        let mut response = loop {
+            let Some(attempt) = request.try_clone() else {
+                return Err(ClientError::Setup(
+                    "internal error: a request body that cannot be sent twice".into(),
+                ));
+            };
+            let permit = match &self.in_flight {
+                Some(limit) if !long_poll => limit.acquire().await.ok(),
+                _ => None,
+            };
+            match attempt.timeout(timeout).send().await {
+                Ok(r) => {
+                    drop(permit);
+                    break r;
+                }
+                Err(e) if retries < CONNECT_RETRIES && worth_reconnecting(&e) => {
+                    drop(permit);
+                    retries += 1;
+                    tokio::time::sleep(CONNECT_BACKOFF * retries).await;
+                }
+                Err(e) => return Err(ClientError::Unreachable(chain(e))),
+            }
+        };
         let status = response.status().as_u16();
         if response.status().is_redirection() {
             let location = response
@@ -360,18 +465,28 @@ impl AgentClient {
 
     /// GET `path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.get_within(path, REQUEST_TIMEOUT).await
+        self.send(
+            self.client.get(format!("{}{path}", self.base)),
+            REQUEST_TIMEOUT,
+            false,
+        )
+        .await
+        .map(|(_, v)| v)
     }
 
-    /// GET `path` with a deadline of `timeout` (a long-poll's wait plus a margin).
+    /// A long-poll: GET `path` with a deadline of `timeout` (the poll's wait plus a margin).
     pub async fn get_within<T: DeserializeOwned>(
         &self,
         path: &str,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        self.send(self.client.get(format!("{}{path}", self.base)), timeout)
-            .await
-            .map(|(_, v)| v)
+        self.send(
+            self.client.get(format!("{}{path}", self.base)),
+            timeout,
+            true,
+        )
+        .await
+        .map(|(_, v)| v)
     }
 
     /// POST `body` as JSON to `path`; returns the status and the answer.
@@ -383,6 +498,7 @@ impl AgentClient {
         self.send(
             self.client.post(format!("{}{path}", self.base)).json(body),
             REQUEST_TIMEOUT,
+            false,
         )
         .await
     }
@@ -392,6 +508,7 @@ impl AgentClient {
         self.send(
             self.client.delete(format!("{}{path}", self.base)),
             REQUEST_TIMEOUT,
+            false,
         )
         .await
         .map(|(_, v)| v)

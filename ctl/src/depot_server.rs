@@ -105,7 +105,7 @@ impl DepotServer {
             .map_err(|source| DepotServerError::Bind { addr, source })?;
         let (shutdown, rx) = watch::channel(false);
         let app = axum::Router::new().fallback_service(ServeDir::new(root));
-        let listener = Listener::Tcp(listener, Arc::new(RwLock::new(tls)));
+        let listener = Listener::Tcp(listener, Arc::new(RwLock::new(tls)), Arc::default());
         let task = tokio::spawn(serve(listener, app, rx));
         Ok(DepotServer {
             addr,

@@ -77,6 +77,8 @@ pub struct FakeAgent {
     streamed: Arc<AtomicU64>,
     /// Tells the accept loop and hanging connections to end.
     stop: Arc<AtomicBool>,
+    /// Connections accepted so far (cut ones included).
+    accepted: Arc<AtomicU64>,
 }
 
 impl FakeAgent {
@@ -85,6 +87,18 @@ impl FakeAgent {
     pub fn start(
         ca: &DevCa,
         dir: &Path,
+        script: impl Fn(&Seen) -> Answer + Send + Sync + 'static,
+    ) -> FakeAgent {
+        Self::start_cutting(ca, dir, 0, script)
+    }
+
+    /// Like [`FakeAgent::start`], but the first `cut` connections are closed at once, before
+    /// any TLS: what a controller sees of an agent whose handshake deadline passed while it was
+    /// busy.
+    pub fn start_cutting(
+        ca: &DevCa,
+        dir: &Path,
+        cut: u64,
         script: impl Fn(&Seen) -> Answer + Send + Sync + 'static,
     ) -> FakeAgent {
         let config = server_config(ca, dir);
@@ -96,12 +110,15 @@ impl FakeAgent {
             log: Arc::default(),
             streamed: Arc::default(),
             stop: Arc::default(),
+            accepted: Arc::default(),
         };
         let script: Arc<Script> = Arc::new(script);
         let (log, streamed, stop) = (fake.log.clone(), fake.streamed.clone(), fake.stop.clone());
+        let accepted = fake.accepted.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
+                    Ok((tcp, _)) if accepted.fetch_add(1, Ordering::SeqCst) < cut => drop(tcp),
                     Ok((tcp, _)) => {
                         let conn = Conn {
                             config: config.clone(),
@@ -135,6 +152,11 @@ impl FakeAgent {
             .iter()
             .filter(|r| r.method == method && r.path == path)
             .count()
+    }
+
+    /// Connections accepted so far, cut ones included.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Bytes of endless or dripped bodies written so far.

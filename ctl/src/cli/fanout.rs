@@ -311,6 +311,19 @@ fn print_line(
     }
 }
 
+/// Prints the table's header if it is still due.
+fn print_header(
+    out: &mut dyn Write,
+    bars: Option<&MultiProgress>,
+    header: &mut Option<String>,
+) -> Result<(), CliError> {
+    match (header.take(), bars) {
+        (Some(h), Some(m)) => m.suspend(|| emit(out, &h)),
+        (Some(h), None) => emit(out, &h),
+        (None, _) => Ok(()),
+    }
+}
+
 /// How a host command fans out and prints, beyond the target flags.
 #[derive(Default)]
 pub(super) struct Plan {
@@ -371,11 +384,11 @@ where
         }
         None => format!("{}: ", names[i]),
     };
-    if let Some(header) = header
-        && !ctx.json
-    {
-        emit(out, format_args!("{:<width$}  {header}", "HOST"))?;
-    }
+    // The table's header goes above its first row: with many hosts that all succeed there is
+    // no row, only the summary.
+    let mut header = header
+        .filter(|_| !ctx.json)
+        .map(|h| format!("{:<width$}  {h}", "HOST"));
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| CliError::io("start", "the async runtime", e))?;
     let bars = (std::io::stdout().is_terminal() && !ctx.json).then(MultiProgress::new);
@@ -442,6 +455,7 @@ where
                     Some((i, Event::Ended(end))) => {
                         let (line, _, class) = describe(&end, timeout);
                         if !ctx.json && (every_line || class != Class::Ok) {
+                            print_header(out, bars.as_ref(), &mut header)?;
                             print_line(out, bars.as_ref(), &row_name(i), &line)?;
                             if let End::Done(Ok(o)) = &end {
                                 for more in &o.more {
@@ -502,6 +516,7 @@ where
                     ));
                 }
                 if !ctx.json {
+                    print_header(out, bars.as_ref(), &mut header)?;
                     print_line(out, bars.as_ref(), &row_name(i), &line)?;
                 }
                 *end = Some(cut_end);
@@ -634,6 +649,10 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// The most hosts the summary's `not ok` line names: with a thousand hosts down, the line
+/// stays readable; each of them has its own line above it anyway.
+const SUMMARY_HOSTS: usize = 20;
+
 /// The most distinct notification codes the summary lists.
 const SUMMARY_CODES: usize = 20;
 
@@ -697,7 +716,13 @@ fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
         .filter(|(_, c)| *c != Class::Ok)
         .map(|(name, c)| format!("{name} ({})", c.word()))
         .collect();
-    if !not_ok.is_empty() {
+    if not_ok.len() > SUMMARY_HOSTS {
+        lines.push(format!(
+            "  not ok: {}, and {} more (each has its line above; --json has every host)",
+            not_ok[..SUMMARY_HOSTS].join(", "),
+            not_ok.len() - SUMMARY_HOSTS
+        ));
+    } else if !not_ok.is_empty() {
         lines.push(format!("  not ok: {}", not_ok.join(", ")));
     }
     lines
@@ -772,5 +797,28 @@ mod tests {
             lines.contains(&"  not ok: b (timed out)".to_owned()),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn summary_names_at_most_twenty_hosts_that_did_not_succeed() {
+        let names: Vec<String> = (0..1000).map(|i| format!("h{i}")).collect();
+        let classes: Vec<(&str, Class)> = names
+            .iter()
+            .map(|n| (n.as_str(), Class::Unreachable))
+            .collect();
+        let lines = summary(&classes, &[]);
+        let not_ok = lines
+            .iter()
+            .find(|l| l.starts_with("  not ok: "))
+            .expect("a not ok line");
+        assert!(
+            not_ok.starts_with("  not ok: h0 (unreachable or refused), h1 "),
+            "{not_ok}"
+        );
+        assert!(
+            not_ok.contains("h19 (unreachable or refused), and 980 more"),
+            "{not_ok}"
+        );
+        assert!(!not_ok.contains("h20 "), "{not_ok}");
     }
 }

@@ -25,7 +25,7 @@ use vibstage_protocol::{Envelope, Image, VibDescriptor};
 use super::escape::escape;
 use super::fanout::{Facts, Outcome, Plan, Watch, fan_out, ok};
 use super::{CliError, Context, TargetArgs};
-use crate::client::{AgentClient, ClientError, HostAddr, path_segment};
+use crate::client::{AgentClient, ClientError, Fleet, HostAddr, path_segment};
 
 /// Seconds of the agent-side long-poll (`?wait=`); the agent answers earlier when the task ends.
 const POLL_WAIT_SECS: u64 = 30;
@@ -179,12 +179,45 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
             "--host/--hosts need --tls-dir DIR (ca.pem, client.pem, client.key)".into(),
         ));
     };
-    parsed
+    open_files_for(parsed.len(), ctx.target.parallel.map(|p| p.get()));
+    let fleet = Fleet::new(tls_dir).map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(parsed
         .iter()
-        .map(|(addr, raw)| {
-            AgentClient::remote(addr, raw, tls_dir).map_err(|e| CliError::Usage(e.to_string()))
-        })
-        .collect()
+        .map(|(addr, raw)| fleet.agent(addr, raw))
+        .collect())
+}
+
+/// Files the controller keeps open besides its connections (runtime, TLS files, terminal).
+const SPARE_FILES: u64 = 64;
+
+/// Makes room for one connection per host in flight: raises the soft limit on open files up to
+/// the hard limit when `hosts` (or `--parallel`) connections would not fit under it, as Go and
+/// nginx do, since a login shell's soft limit of 1024 would otherwise fail a fleet of a thousand
+/// hosts with "too many open files" half way. When even the hard limit is too low, says so and
+/// how to cope, and goes on.
+fn open_files_for(hosts: usize, parallel: Option<usize>) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let in_flight = parallel.map_or(hosts, |p| p.min(hosts)) as u64;
+    let needed = in_flight.saturating_add(SPARE_FILES);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= needed {
+        return;
+    }
+    let wanted = hard.min(needed);
+    let limit = match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) => wanted,
+        Err(_) => soft,
+    };
+    if limit < needed {
+        eprintln!(
+            "warning: {in_flight} hosts at once need about {needed} open files, but at most \
+             {limit} may be open (`ulimit -Hn`); hosts beyond that fail to connect. Raise the \
+             limit or pass --parallel {}",
+            limit.saturating_sub(SPARE_FILES).max(1)
+        );
+    }
 }
 
 /// The remote targets, parsed and without duplicates, or `None` for the local socket.

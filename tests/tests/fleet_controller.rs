@@ -1,0 +1,160 @@
+//! Issue 15: what a thousand hosts need of the controller, tested with fake agents so that each
+//! failure can be arranged (the 1,000-agent run itself is bench figure P7, and its 50-agent
+//! version runs in `cargo test` through the bench's quick mode).
+//!
+//! - a connection per host: `vibstagectl` raises its soft limit on open files when the hosts do
+//!   not fit under it, and says so when even the hard limit is too low;
+//! - a host whose TLS handshake was cut (an agent that missed its handshake deadline while busy)
+//!   is tried again, twice, a second and then two apart, before it counts as unreachable;
+//! - a refused connection (nothing listens) is not tried again.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vibstage_e2e::fake_agent::status as fake_status;
+use vibstage_e2e::{Answer, FakeAgent, World, vibstagectl};
+
+fn fake(world: &World, name: &str, cut: u64, answer: Answer) -> FakeAgent {
+    FakeAgent::start_cutting(
+        &world.ca,
+        &world.dir.path().join(format!("fake-{name}")),
+        cut,
+        move |_| answer.clone(),
+    )
+}
+
+/// `vibstagectl --json --tls-dir … --host …(each) ARGS`, under `prlimit` if `nofile` is given.
+fn ctl(world: &World, hosts: &[String], nofile: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = match nofile {
+        Some(limit) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={limit}")).arg(vibstagectl());
+            c
+        }
+        None => Command::new(vibstagectl()),
+    };
+    cmd.arg("--json").arg("--tls-dir").arg(&world.tls_dir);
+    for h in hosts {
+        cmd.arg("--host").arg(h);
+    }
+    cmd.args(args).output().expect("run vibstagectl")
+}
+
+fn report(out: &Output) -> serde_json::Map<String, Value> {
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Object(m)) => m,
+        _ => panic!(
+            "no JSON report: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+#[test]
+fn a_host_whose_first_handshakes_were_cut_is_tried_again_issue15() {
+    let world = World::new();
+    let host = fake(&world, "busy", 2, Answer::Json(200, fake_status("busy")));
+    let out = ctl(&world, &[host.addr()], None, &["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(host.connections(), 3, "two cut, the third served");
+    assert_eq!(host.count("GET", "/v1/status"), 1);
+    assert_eq!(report(&out)[&host.addr()]["host_id"], "busy");
+}
+
+#[test]
+fn a_host_that_keeps_cutting_handshakes_is_unreachable_after_three_tries_issue15() {
+    let world = World::new();
+    let host = fake(
+        &world,
+        "gone",
+        u64::MAX,
+        Answer::Json(200, fake_status("gone")),
+    );
+    let started = Instant::now();
+    let out = ctl(&world, &[host.addr()], None, &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(host.connections(), 3, "one try and two more");
+    // The retries wait 1 s and then 2 s: they are spaced, not a tight loop.
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(report(&out)[&host.addr()]["error"]["code"], "unreachable");
+}
+
+#[test]
+fn a_refused_connection_is_not_tried_again_issue15() {
+    let world = World::new();
+    // A port nothing listens on: bound and closed again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    let out = ctl(&world, std::slice::from_ref(&host), None, &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let message = report(&out)[&host]["error"]["message"].to_string();
+    assert!(message.contains("Connection refused"), "{message}");
+}
+
+/// Hosts that take the request and never answer, so the controller holds a connection to each
+/// until `--timeout`.
+fn hanging_hosts(world: &World, n: usize) -> (Vec<FakeAgent>, Vec<String>) {
+    let fakes: Vec<FakeAgent> = (0..n)
+        .map(|i| fake(world, &format!("hang{i}"), 0, Answer::Hang))
+        .collect();
+    let addrs = fakes.iter().map(FakeAgent::addr).collect();
+    (fakes, addrs)
+}
+
+#[test]
+fn the_controller_makes_room_for_a_connection_per_host_issue15() {
+    let world = World::new();
+    let (fakes, addrs) = hanging_hosts(&world, 40);
+    // A soft limit of 24 open files cannot hold 40 connections; the hard limit can.
+    let out = ctl(
+        &world,
+        &addrs,
+        Some("24:4096"),
+        &["--timeout", "3s", "status"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let report = report(&out);
+    for a in &addrs {
+        assert!(
+            report[a]["timed_out"]["started"] == true,
+            "{a}: {} ({stderr})",
+            report[a]
+        );
+    }
+    // Every host got its request: none failed to connect for want of a descriptor.
+    for f in &fakes {
+        assert_eq!(f.count("GET", "/v1/status"), 1);
+    }
+}
+
+#[test]
+fn too_low_a_hard_limit_on_open_files_is_named_with_what_to_do_issue15() {
+    let world = World::new();
+    let (_fakes, addrs) = hanging_hosts(&world, 40);
+    let out = ctl(
+        &world,
+        &addrs,
+        Some("24:32"),
+        &["--timeout", "2s", "status"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "warning: 40 hosts at once need about 104 open files, but at most 32 may be open"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pass --parallel 1"), "{stderr}");
+}
