@@ -158,3 +158,36 @@ fn too_low_a_hard_limit_on_open_files_is_named_with_what_to_do_issue15() {
     );
     assert!(stderr.contains("pass --parallel 1"), "{stderr}");
 }
+
+#[test]
+fn agents_count_their_tls_handshakes_issue15() {
+    let world = World::new();
+    let mut agent = world.agent("counted", vibstage_e2e::AgentOptions::default());
+    agent.start();
+    for _ in 0..2 {
+        let out = ctl(&world, &[agent.addr()], None, &["status"]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    // A peer that connects and says nothing: its handshake fails when it hangs up.
+    drop(std::net::TcpStream::connect(agent.addr()).expect("connect"));
+    // `failed` is counted when the agent sees the hang-up: wait for it; the rest are settled.
+    let count = |result: &str, at_least: u64| {
+        let line = format!("vibstage_tls_handshakes_total{{result=\"{result}\"}} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = agent.request("GET", "/metrics", None).body;
+            let n: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {line:?} in:\n{text}"));
+            if n >= at_least || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(count("failed", 1), 1);
+    assert_eq!(count("completed", 0), 2, "one connection per command");
+    assert_eq!(count("turned_away", 0), 0);
+}
