@@ -21,6 +21,7 @@ pub mod lazyfs;
 pub mod model;
 pub mod nginx;
 pub mod pki;
+pub mod terminal;
 pub mod vibs;
 
 pub use agent::{AgentOptions, AgentProc, Reply, VibFile, World};

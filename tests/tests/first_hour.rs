@@ -4,6 +4,7 @@
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use vibstage_e2e::terminal::{screen_lines, through_a_terminal};
 use vibstage_e2e::{AgentOptions, AgentProc, VibFile, World, vibstagectl};
 
 fn ctl(world: &World, agents: &[&AgentProc], args: &[&str]) -> Output {
@@ -441,57 +442,6 @@ fn untrusted_depot_certificate_says_set_depot_ca_and_sighup_applies_it() {
     assert_eq!(task["state"], "succeeded", "{task}");
 }
 
-/// Runs `args` through `script(1)` so that vibstagectl sees a terminal of 120 columns; returns
-/// everything written to it, raw (escape sequences included).
-fn through_a_terminal(world: &World, args: &[String]) -> (Option<i32>, String) {
-    let quoted: Vec<String> = std::iter::once(vibstagectl().display().to_string())
-        .chain(args.iter().cloned())
-        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
-        .collect();
-    let inner = format!("stty cols 120 rows 40; {}", quoted.join(" "));
-    let out = Command::new("script")
-        .args(["-q", "-e", "-c", &inner, "/dev/null"])
-        .current_dir(world.dir.path())
-        .output()
-        .expect("run script(1)");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-/// The text of a terminal capture without escape sequences; carriage returns become newlines,
-/// so every redraw of a bar is a line of its own.
-fn screen_lines(raw: &str) -> Vec<String> {
-    let mut text = String::new();
-    let mut chars = raw.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\u{1b}' => {
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    for c in chars.by_ref() {
-                        if c.is_ascii_alphabetic() {
-                            break;
-                        }
-                    }
-                }
-            }
-            '\r' => text.push('\n'),
-            c => text.push(c),
-        }
-    }
-    // indicatif fills each bar line to the width and lets the terminal wrap it: cut the lines
-    // at the 120 columns of the capture's terminal.
-    let chars: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
-    chars
-        .iter()
-        .flat_map(|l| l.chunks(120).map(|c| c.iter().collect::<String>()))
-        .map(|l| l.trim_end().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
 /// Item 14: `stage --wait` in a terminal: a line for every host from the start, bars with sizes
 /// once known (never `0 B/0 B`), the total with rate and ETA, a done line per host, a host that
 /// is down reported once with its reason, final lines in the bars' units.
@@ -551,7 +501,7 @@ fn stage_progress_in_a_terminal() {
         ]
         .map(str::to_owned),
     );
-    let (code, raw) = through_a_terminal(&world, &args);
+    let (code, raw) = through_a_terminal(world.dir.path(), &args);
     let lines = screen_lines(&raw);
     let shown = lines.join("\n");
     assert_eq!(code, Some(3), "{shown}");

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vibstage_e2e::fake_agent::status as fake_status;
+use vibstage_e2e::terminal::{screen_lines, through_a_terminal};
 use vibstage_e2e::{Answer, FakeAgent, World, vibstagectl};
 
 fn fake(world: &World, name: &str, cut: u64, answer: Answer) -> FakeAgent {
@@ -190,4 +191,82 @@ fn agents_count_their_tls_handshakes_issue15() {
     assert_eq!(count("failed", 1), 1);
     assert_eq!(count("completed", 0), 2, "one connection per command");
     assert_eq!(count("turned_away", 0), 0);
+}
+
+/// On a terminal, a fleet draws one bar, the total, counting the hosts done; a host's bar would
+/// not fit a terminal a thousand times. Its hosts report progress every few seconds for that
+/// bar, not every second.
+#[test]
+fn a_fleet_on_a_terminal_draws_only_the_total_issue15() {
+    let world = World::new();
+    let fakes: Vec<FakeAgent> = (0..12)
+        .map(|i| {
+            fake_scripted(&world, &format!("t{i}"), |r| match r.method.as_str() {
+                "POST" => Answer::Json(
+                    202,
+                    serde_json::json!({"task": vibstage_e2e::fake_agent::task("t1", "running", (0, 1000), None)}),
+                ),
+                _ => Answer::Json(
+                    200,
+                    vibstage_e2e::fake_agent::task("t1", "succeeded", (1000, 1000), None),
+                ),
+            })
+        })
+        .collect();
+    let mut args = vec!["--tls-dir".to_owned(), world.tls_dir.display().to_string()];
+    for f in &fakes {
+        args.extend(["--host".to_owned(), f.addr()]);
+    }
+    let image = world.dir.path().join("image.json");
+    std::fs::write(
+        &image,
+        r#"{"payloadType":"x","payload":"","signatures":[]}"#,
+    )
+    .expect("image");
+    args.extend(
+        [
+            "stage",
+            "--image",
+            image.to_str().expect("utf8"),
+            "--depot",
+            "https://127.0.0.1:1/",
+            "--wait",
+        ]
+        .map(str::to_owned),
+    );
+    let (code, raw) = through_a_terminal(world.dir.path(), &args);
+    let lines = screen_lines(&raw);
+    let shown = lines.join("\n");
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        lines.iter().any(|l| l.contains("total 12/12 done")),
+        "{shown}"
+    );
+    for f in &fakes {
+        assert!(
+            !lines.iter().any(|l| l.trim_start().starts_with(&f.addr())),
+            "a line for {}: {shown}",
+            f.addr()
+        );
+        let polls: Vec<String> = f
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "GET")
+            .map(|r| r.query)
+            .collect();
+        assert_eq!(polls, ["wait=5"], "{}", f.addr());
+    }
+    assert!(shown.contains("summary: 12 hosts: 12 ok"), "{shown}");
+}
+
+fn fake_scripted(
+    world: &World,
+    name: &str,
+    script: impl Fn(&vibstage_e2e::Seen) -> Answer + Send + Sync + 'static,
+) -> FakeAgent {
+    FakeAgent::start(
+        &world.ca,
+        &world.dir.path().join(format!("fake-{name}")),
+        script,
+    )
 }

@@ -30,6 +30,9 @@ use crate::client::{AgentClient, ClientError};
 /// succeed (and every host with `--verbose`), as SPEC §3 asks of "many hosts".
 const SMALL_FLEET: usize = 10;
 
+/// How often a host of a fleet reports its progress for the total bar, seconds.
+const FLEET_PROGRESS_SECS: u64 = 5;
+
 /// The most characters of one printed host line: enough for any honest message, short enough
 /// that a host cannot flood the terminal (`--json` has everything).
 const LINE_CHARS: usize = 2000;
@@ -88,6 +91,8 @@ pub(crate) struct Watch {
     task: Arc<Mutex<Option<String>>>,
     /// The most bytes a task of this command can honestly need ([`image_bytes`]).
     max_bytes: Option<u64>,
+    /// `bar` is not drawn, only summed into the total (a fleet of more than [`SMALL_FLEET`]).
+    hidden: bool,
 }
 
 impl Watch {
@@ -99,9 +104,16 @@ impl Watch {
         }
     }
 
-    /// Whether a bar shows this host's progress (then polls should come back every second).
-    pub(crate) fn shows_progress(&self) -> bool {
-        self.bar.is_some()
+    /// How long a poll of the host's task may wait when a bar shows its progress: a second for
+    /// a drawn bar; for a fleet, whose hosts only feed the total bar, [`FLEET_PROGRESS_SECS`]
+    /// (a thousand hosts asking every second would be a polling storm for one bar). `None`
+    /// without a bar: the poll waits for the task's end.
+    pub(crate) fn progress_wait(&self) -> Option<u64> {
+        match (&self.bar, self.hidden) {
+            (None, _) => None,
+            (Some(_), false) => Some(1),
+            (Some(_), true) => Some(FLEET_PROGRESS_SECS),
+        }
     }
 
     /// Names the task the host runs for us.
@@ -395,10 +407,17 @@ where
     let (ends, interrupted) = runtime.block_on(async {
         let deadline = timeout.map(|t| Instant::now() + t);
         // With several hosts, a total bar sums the hosts' bars (finished ones keep their counts).
-        let total = bars.as_ref().filter(|_| clients.len() > 1).map(|m| {
+        // Beyond a small fleet only the total is drawn (a thousand bars do not fit a terminal);
+        // the hosts' bars are hidden and only summed, and the total counts the hosts done.
+        let hosts = clients.len();
+        let total = bars.as_ref().filter(|_| hosts > 1).map(|m| {
             let total = m.add(ProgressBar::new(0));
             total.set_style(waiting_style());
-            total.set_prefix("total");
+            total.set_prefix(if every_line {
+                "total".to_owned()
+            } else {
+                format!("total 0/{hosts} done")
+            });
             total
         });
         let mut watches = Vec::new();
@@ -406,6 +425,7 @@ where
         for client in clients {
             let bar = bars.as_ref().map(|m| {
                 let bar = match &total {
+                    _ if !every_line => ProgressBar::hidden(),
                     Some(total) => m.insert_before(total, ProgressBar::new(0)),
                     None => m.add(ProgressBar::new(0)),
                 };
@@ -418,6 +438,7 @@ where
             let watch = Watch {
                 bar,
                 max_bytes,
+                hidden: !every_line,
                 ..Watch::default()
             };
             watches.push((client, watch));
@@ -444,6 +465,7 @@ where
         });
         let mut ends: Vec<Option<End>> = names.iter().map(|_| None).collect();
         let mut started = vec![false; names.len()];
+        let mut done = 0usize;
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
         let mut ctrl_c_armed = true;
@@ -453,6 +475,10 @@ where
                 event = rx.recv() => match event {
                     Some((i, Event::Started)) => started[i] = true,
                     Some((i, Event::Ended(end))) => {
+                        done += 1;
+                        if let Some(total) = total.as_ref().filter(|_| !every_line) {
+                            total.set_prefix(format!("total {done}/{} done", names.len()));
+                        }
                         let (line, _, class) = describe(&end, timeout);
                         if !ctx.json && (every_line || class != Class::Ok) {
                             print_header(out, bars.as_ref(), &mut header)?;

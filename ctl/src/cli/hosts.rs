@@ -427,13 +427,10 @@ pub(crate) async fn follow(
     check_task_id(&task.id).map_err(ClientError::Protocol)?;
     watch.started(&task.id);
     watch.progress(&task);
-    // With a bar to move, ask every second (the agent answers at once with the progress so
-    // far); without one, long-poll until the task ends.
-    let wait = if watch.shows_progress() {
-        1
-    } else {
-        POLL_WAIT_SECS
-    };
+    // With a bar to move, ask every second (every few seconds for a fleet, whose hosts only
+    // feed the total bar): the agent answers then with the progress so far; without a bar,
+    // long-poll until the task ends.
+    let wait = watch.progress_wait().unwrap_or(POLL_WAIT_SECS);
     let path = format!("/v1/tasks/{}?wait={wait}", path_segment(&task.id));
     let mut errors = 0u32;
     while !task.state.is_final() {
