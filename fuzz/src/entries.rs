@@ -216,6 +216,7 @@ pub fn vib_reader(data: &[u8]) {
         max_vib_bytes: 1 << 20,
         max_expanded: 4 << 20,
         max_metadata: 1 << 20,
+        max_xml: 256 << 10,
         max_entries: 256,
         ..Limits::default()
     };

@@ -142,18 +142,19 @@ fn open_zip<R: Read + Seek>(
     Ok(zip)
 }
 
-/// Reads a small entry whole, bounded in size and expansion ratio.
+/// Reads a small entry whole, bounded in expansion ratio and to `max` bytes.
 fn read_entry<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     name: &str,
     limits: &Limits,
+    max: u64,
 ) -> Result<Vec<u8>, VibError> {
     let entry = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
     let bound = entry
         .compressed_size()
         .saturating_mul(limits.max_ratio)
         .saturating_add(1 << 16)
-        .min(limits.max_metadata);
+        .min(max);
     let mut out = Vec::new();
     entry
         .take(bound + 1)
@@ -214,7 +215,10 @@ impl<R: Read + Seek> Bundle<R> {
         if !names.iter().any(|n| n == "index.xml") {
             return Err(bad("index.xml is missing"));
         }
-        let index = parse_xml("index.xml", &read_entry(&mut zip, "index.xml", limits)?)?;
+        let index = parse_xml(
+            "index.xml",
+            &read_entry(&mut zip, "index.xml", limits, limits.max_xml)?,
+        )?;
         let mut vendor_indexes = Vec::new();
         for v in index.children_named("vendor") {
             let file = v
@@ -240,7 +244,7 @@ impl<R: Read + Seek> Bundle<R> {
             if !names.contains(vi) {
                 return Err(bad(format!("{vi} (named by index.xml) is missing")));
             }
-            let doc = parse_xml(vi, &read_entry(&mut zip, vi, limits)?)?;
+            let doc = parse_xml(vi, &read_entry(&mut zip, vi, limits, limits.max_xml)?)?;
             let dir = vi
                 .rsplit_once('/')
                 .map(|(d, _)| format!("{d}/"))
@@ -278,7 +282,7 @@ impl<R: Read + Seek> Bundle<R> {
                     "{path} (named by the vendor index) is missing"
                 )));
             }
-            let bytes = read_entry(&mut bundle.zip, path, limits)?;
+            let bytes = read_entry(&mut bundle.zip, path, limits, limits.max_metadata)?;
             bundle.read_metadata(path, bytes)?;
         }
         if bundle.vib_paths.is_empty() {
@@ -297,7 +301,10 @@ impl<R: Read + Seek> Bundle<R> {
                 continue;
             }
             let what = format!("{path}!{name}");
-            let el = parse_xml(&what, &read_entry(&mut meta, name, &limits)?)?;
+            let el = parse_xml(
+                &what,
+                &read_entry(&mut meta, name, &limits, limits.max_xml)?,
+            )?;
             match folder {
                 "bulletins" => self.bulletins.push(Bulletin {
                     id: el

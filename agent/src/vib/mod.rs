@@ -51,8 +51,11 @@ pub struct Limits {
     pub max_expanded: u64,
     /// Most entries in a bundle (or its metadata.zip).
     pub max_entries: usize,
-    /// Largest XML document or metadata.zip read into memory from a bundle.
+    /// Largest metadata.zip read into memory from a bundle.
     pub max_metadata: u64,
+    /// Largest XML document of a bundle (`index.xml`, a vendor index, a bulletin or VIB record):
+    /// real ones are a few KiB, and a parsed document takes several times its size.
+    pub max_xml: u64,
 }
 
 impl Default for Limits {
@@ -65,7 +68,8 @@ impl Default for Limits {
             max_ratio: 200,
             max_expanded: 64 << 30,
             max_entries: 100_000,
-            max_metadata: 256 << 20,
+            max_metadata: 64 << 20,
+            max_xml: 4 << 20,
         }
     }
 }
