@@ -24,6 +24,7 @@
 //! whole harness; it measures the same things but its numbers mean nothing.
 
 pub mod agent;
+pub mod cgroup;
 pub mod env;
 pub mod http;
 pub mod loadgen;

@@ -253,6 +253,18 @@ http {{
         let _ = cmd.status();
     }
 
+    /// The master's and its workers' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return Vec::new();
+        };
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        std::iter::once(pid)
+            .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect()
+    }
+
     /// Empties the access log (nginx keeps appending at the new end).
     pub fn clear_log(&self) {
         let _ = std::fs::OpenOptions::new()

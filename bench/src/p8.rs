@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::agent::AgentSetup;
+use crate::cgroup::{CpuGroup, DEFAULT_WEIGHT, unit_cpu_weight};
 use crate::env::{Env, ImageFile};
 use crate::report::{self, Met, Row, median};
 use crate::{BenchError, Result, Sizes, p1, say, tools};
@@ -23,14 +24,25 @@ struct Workload {
     commands: Vec<Command>,
 }
 
-fn cpu_workload(bytes: u64) -> Workload {
+/// `script` run by `sh`, first moving itself into `group` (so that everything it starts runs
+/// there from its first instruction).
+fn shell(script: &str, group: Option<&CpuGroup>) -> Command {
+    let mut c = Command::new("sh");
+    let enter = group.map_or(String::new(), |g| {
+        format!("echo $$ > '{}' && ", g.procs().display())
+    });
+    c.arg("-c").arg(format!("{enter}{script}"));
+    c
+}
+
+fn cpu_workload(bytes: u64, group: Option<&CpuGroup>) -> Workload {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let commands = (0..cores)
         .map(|_| {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(format!("head -c {bytes} /dev/zero | openssl dgst -sha256"));
-            c
+            shell(
+                &format!("head -c {bytes} /dev/zero | openssl dgst -sha256"),
+                group,
+            )
         })
         .collect();
     Workload {
@@ -39,13 +51,14 @@ fn cpu_workload(bytes: u64) -> Workload {
     }
 }
 
-fn disk_workload(env: &Env, mib: u64) -> Workload {
-    let mut c = Command::new("dd");
-    c.arg("if=/dev/zero")
-        .arg(format!("of={}", env.dir.join("p8-dd").display()))
-        .arg("bs=1M")
-        .arg(format!("count={mib}"))
-        .arg("conv=fdatasync");
+fn disk_workload(env: &Env, mib: u64, group: Option<&CpuGroup>) -> Workload {
+    let c = shell(
+        &format!(
+            "exec dd if=/dev/zero of='{}' bs=1M count={mib} conv=fdatasync",
+            env.dir.join("p8-dd").display()
+        ),
+        group,
+    );
     Workload {
         name: "disk-bound workload (dd with fdatasync)",
         commands: vec![c],
@@ -76,6 +89,25 @@ fn run_workload(w: &mut Workload) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The cgroups of a host run by systemd: the agent's unit with its `CPUWeight=`, the depot with
+/// the same weight (it stands for a depot elsewhere), the workload with the default weight.
+struct Groups {
+    agent: CpuGroup,
+    depot: CpuGroup,
+    work: CpuGroup,
+}
+
+impl Groups {
+    fn create() -> Option<Groups> {
+        let weight = unit_cpu_weight();
+        Some(Groups {
+            agent: CpuGroup::create("vibstage-bench-agent", weight)?,
+            depot: CpuGroup::create("vibstage-bench-depot", weight)?,
+            work: CpuGroup::create("vibstage-bench-workload", DEFAULT_WEIGHT)?,
+        })
+    }
+}
+
 /// The workload's time while an agent (with the unit's priorities) stages `image`; also
 /// whether the staging was still running when the workload ended (else the figure is partly
 /// of a workload alone).
@@ -84,6 +116,7 @@ fn during_staging(
     image: &ImageFile,
     w: &mut Workload,
     name: &str,
+    groups: Option<&Groups>,
 ) -> Result<(f64, bool)> {
     let mut agent = env.agent(
         name,
@@ -96,9 +129,22 @@ fn during_staging(
     // The bench's depot runs on this machine; a real host's does not: it gets the agent's
     // priority so that the workload competes with the agent alone.
     env.nginx.renice(10);
+    if let Some(g) = groups {
+        if let Some(pid) = agent.pid() {
+            g.agent.adopt(pid)?;
+        }
+        for pid in env.nginx.pids() {
+            g.depot.adopt(pid)?;
+        }
+    }
     let id = agent.stage(image, &env.depot_url())?;
     let took = run_workload(w);
     env.nginx.renice(0);
+    if let Some(g) = groups {
+        for pid in env.nginx.pids() {
+            g.depot.release(pid);
+        }
+    }
     let took = took?;
     let overlapped = matches!(
         agent.task(&id, None)?["state"].as_str(),
@@ -120,14 +166,34 @@ pub fn run(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<Vec<Row>> {
     } else {
         (1 << 30, 512)
     };
+    let groups = Groups::create();
+    let how = match &groups {
+        Some(g) => format!(
+            "CPUWeight={} as a cgroup ({}) and nice 10",
+            unit_cpu_weight(),
+            g.agent.setting
+        ),
+        None => "nice 10 (no writable cgroup CPU controller)".to_owned(),
+    };
+    say(log, format!("P8: the agent runs with {how}"));
+    let work = groups.as_ref().map(|g| &g.work);
     let mut rows = Vec::new();
-    for mut workload in [cpu_workload(cpu_bytes), disk_workload(env, dd_mib)] {
+    for mut workload in [
+        cpu_workload(cpu_bytes, work),
+        disk_workload(env, dd_mib, work),
+    ] {
         let (mut alone, mut during, mut overlap) = (Vec::new(), Vec::new(), 0);
         for run in 0..sizes.p1_runs {
             let a = run_workload(&mut workload)?;
             let _ = std::fs::remove_file(env.dir.join("p8-dd"));
             tools::settle();
-            let (d, overlapped) = during_staging(env, &image, &mut workload, &format!("p8-{run}"))?;
+            let (d, overlapped) = during_staging(
+                env,
+                &image,
+                &mut workload,
+                &format!("p8-{run}"),
+                groups.as_ref(),
+            )?;
             overlap += usize::from(overlapped);
             say(
                 log,
@@ -151,7 +217,7 @@ pub fn run(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<Vec<Row>> {
         rows.push(Row::new(
             "P8",
             format!(
-                "{} keeps, while staging ({overlap}/{} runs overlapped whole)",
+                "{} keeps, while staging with {how} ({overlap}/{} runs overlapped whole)",
                 workload.name, sizes.p1_runs
             ),
             format!("{:.0} %", kept * 100.0),
