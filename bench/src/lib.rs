@@ -11,7 +11,7 @@
 //!
 //! | figure | module |
 //! | --- | --- |
-//! | P1 throughput, P2 memory | [`p1`] |
+//! | P1 throughput, P2 memory | [`p1`], with the peers [`containerd`] and [`aria2`] |
 //! | P3 resume | [`p3`] |
 //! | P4 recovery and scrub | [`p4`] |
 //! | P5 fan-out | [`p5`] |
@@ -23,6 +23,8 @@
 //! whole harness; it measures the same things but its numbers mean nothing.
 
 pub mod agent;
+pub mod aria2;
+pub mod containerd;
 pub mod env;
 pub mod http;
 pub mod loadgen;

@@ -1,0 +1,59 @@
+//! aria2c as a peer of P1: the download manager a user would pick to fetch a list of files in
+//! parallel with a checksum each.
+//!
+//! One input file lists every VIB of the image with `checksum=sha-256=<hex>` and an output name;
+//! `aria2c -j N` downloads N files at a time, one connection each, over HTTPS trusting the bench's
+//! CA (`--ca-certificate`), from the same nginx and the same files as vibstage. Then `sync FILE…`
+//! (fsync of each file), as in the operator's script.
+//!
+//! What aria2c guarantees (checked with `strace` on 1.36.0): after a file has downloaded it reads
+//! the whole file back from disk to compute its sha-256 and fails (exit status 32) on a mismatch;
+//! it fsyncs each file and its control file (`.aria2`) itself, so the `sync` after it finds
+//! little to do; an interrupted download resumes from its control file (`-c`). It renames
+//! nothing into place: a file is at its final name while it downloads. Nothing is signed.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::env::ImageFile;
+use crate::{BenchError, Result};
+
+/// Writes aria2c's input file for `image` at `path`: one entry per VIB, fetched from `depot`
+/// into `vib-<i>` with its sha-256. Returns the files aria2c will write under `out`.
+pub fn input_file(path: &Path, image: &ImageFile, depot: &str, out: &Path) -> Result<Vec<PathBuf>> {
+    let mut text = String::new();
+    let mut files = Vec::new();
+    for (i, ((_, digest, _), url)) in image.vibs.iter().zip(image.urls(depot)).enumerate() {
+        let name = format!("vib-{i}");
+        let _ = write!(
+            text,
+            "{url}\n  out={name}\n  checksum=sha-256={}\n",
+            digest.to_hex()
+        );
+        files.push(out.join(name));
+    }
+    std::fs::write(path, text).map_err(BenchError::io(format!("write {}", path.display())))?;
+    Ok(files)
+}
+
+/// `aria2c` downloading the entries of `input` into `out`, `jobs` files at a time with one
+/// connection each, trusting `ca`; quiet apart from errors, overwriting what a previous run left.
+pub fn command(aria2c: &Path, ca: &Path, input: &Path, out: &Path, jobs: usize) -> Command {
+    let mut cmd = Command::new(aria2c);
+    cmd.arg(format!("--ca-certificate={}", ca.display()))
+        .arg(format!("--input-file={}", input.display()))
+        .arg(format!("--dir={}", out.display()))
+        .arg(format!("--max-concurrent-downloads={jobs}"))
+        .args([
+            "--max-connection-per-server=1",
+            "--split=1",
+            "--console-log-level=warn",
+            "--show-console-readout=false",
+            "--summary-interval=0",
+            "--download-result=hide",
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+        ]);
+    cmd
+}
