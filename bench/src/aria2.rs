@@ -57,3 +57,30 @@ pub fn command(aria2c: &Path, ca: &Path, input: &Path, out: &Path, jobs: usize) 
         ]);
     cmd
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vibstage_protocol::Digest;
+
+    #[test]
+    fn input_file_lists_each_vib_with_its_checksum() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let digest = Digest::of(b"vib");
+        let image = ImageFile {
+            path: dir.path().join("image.json"),
+            envelope: serde_json::Value::Null,
+            vibs: vec![(dir.path().join("v"), digest, 3)],
+        };
+        let input = dir.path().join("input.txt");
+        let out = dir.path().join("out");
+        let files = input_file(&input, &image, "https://127.0.0.1:1/", &out).expect("written");
+        assert_eq!(files, vec![out.join("vib-0")]);
+        let text = std::fs::read_to_string(&input).expect("read");
+        let hex = digest.to_hex();
+        assert_eq!(
+            text,
+            format!("https://127.0.0.1:1/vibs/{hex}\n  out=vib-0\n  checksum=sha-256={hex}\n")
+        );
+    }
+}

@@ -358,3 +358,54 @@ impl Drop for Containerd {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oci_layout_links_the_vibs_and_pins_them_by_digest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let vibs: Vec<(PathBuf, Digest, u64)> = [&b"first"[..], b"second"]
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                let path = dir.path().join(format!("vib-{i}"));
+                std::fs::write(&path, bytes).expect("write vib");
+                (path, Digest::of(bytes), bytes.len() as u64)
+            })
+            .collect();
+        let image = ImageFile {
+            path: dir.path().join("image.json"),
+            envelope: serde_json::Value::Null,
+            vibs: vibs.clone(),
+        };
+        let root = dir.path().join("oci");
+        let oci = lay_out(&root, &image, "127.0.0.1:5000").expect("laid out");
+        let repo = root.join("v2").join(REPOSITORY);
+        let (_, manifest_name) = oci.reference.split_once('@').expect("a digest reference");
+        assert!(
+            oci.reference
+                .starts_with("127.0.0.1:5000/vibstage-bench/p1@sha256:")
+        );
+        let manifest = std::fs::read(repo.join("manifests").join(manifest_name)).expect("manifest");
+        assert_eq!(
+            format!("sha256:{}", Digest::of(&manifest).to_hex()),
+            manifest_name
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("json");
+        let layers = manifest["layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), 2);
+        for ((path, digest, size), layer) in vibs.iter().zip(layers) {
+            let name = format!("sha256:{}", digest.to_hex());
+            assert_eq!(layer["digest"], name.as_str());
+            assert_eq!(layer["size"], *size);
+            let blob = std::fs::read(repo.join("blobs").join(&name)).expect("blob");
+            assert_eq!(blob, std::fs::read(path).expect("vib"));
+        }
+        let config = manifest["config"]["digest"].as_str().expect("config");
+        let bytes = std::fs::read(repo.join("blobs").join(config)).expect("config blob");
+        assert_eq!(format!("sha256:{}", Digest::of(&bytes).to_hex()), config);
+        assert_eq!(oci.blobs.len(), 4);
+    }
+}

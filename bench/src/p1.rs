@@ -460,7 +460,7 @@ pub fn run(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<P1> {
         ),
         peer_row(
             bytes,
-            "vs aria2c -j4 --checksum=sha-256 + sync (re-reads to check; no signatures)",
+            "vs aria2c -j4 --checksum=sha-256 + sync (checks by re-reading, fsyncs; no signatures)",
             &ours,
             aria2_peer.as_ref().map(|_| aria.as_slice()),
         ),
@@ -516,4 +516,35 @@ pub fn probe_rate(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<f64> 
         format!("P1 path probe: {}", report::rate(image.bytes() as f64, t)),
     );
     Ok(image.bytes() as f64 / t.max(1e-9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_row_compares_medians_or_says_why_it_is_missing() {
+        let ours = Cost {
+            wall: 1.0,
+            cpu: 1.5,
+            peak: 1 << 20,
+        };
+        let runs = [2.0, 4.0, 100.0].map(|wall| Cost {
+            wall,
+            cpu: 3.0,
+            peak: 2 << 20,
+        });
+        let row = peer_row(1024.0, "vs x", &ours, Ok(&runs));
+        assert_eq!(row.ratio, "0.25×");
+        assert_eq!(row.met, Met::Yes);
+        assert!(
+            row.baseline.contains("3.00 CPU-s, 2.0 MiB"),
+            "{}",
+            row.baseline
+        );
+        let reason = "apt-get install -y -q --no-install-recommends x failed".to_owned();
+        let row = peer_row(1024.0, "vs x", &ours, Err(&reason));
+        assert_eq!(row.measure, format!("vs x: not available: {reason}"));
+        assert_eq!((row.vibstage.as_str(), row.met), ("-", Met::Info));
+    }
 }
