@@ -13,11 +13,82 @@
 //! nothing into place: a file is at its final name while it downloads. Nothing is signed.
 
 use std::fmt::Write as _;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::env::ImageFile;
-use crate::{BenchError, Result};
+use crate::env::{Env, ImageFile};
+use crate::tools::PeerRun;
+use crate::{BenchError, Result, report, say, tools};
+
+/// aria2c's downloads at a time: the agent's default `concurrency`.
+const JOBS: usize = 4;
+
+/// P1's aria2c peer: the program and its input file, ready for all rounds.
+#[derive(Debug)]
+pub struct Peer {
+    aria2c: PathBuf,
+    input: PathBuf,
+    /// Where aria2c writes, emptied after each round.
+    out: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Peer {
+    /// Installs aria2 when missing ([`tools::ensure_package`]) and writes the input file for
+    /// `image`.
+    pub fn start(env: &Env, image: &ImageFile, log: &mut dyn Write) -> Result<Peer> {
+        let aria2c = tools::ensure_package("aria2c", "aria2", log)?;
+        let input = env.dir.join("p1-aria2-input.txt");
+        let out = env.dir.join("p1-aria2");
+        let files = input_file(&input, image, &env.depot_url(), &out)?;
+        say(log, format!("P1 peer: {}", tools::version(&aria2c)));
+        Ok(Peer {
+            aria2c,
+            input,
+            out,
+            files,
+        })
+    }
+
+    /// One round: aria2c fetches and checks every file, `sync` flushes them; each file is
+    /// checked to have its size (aria2c checked its sha-256), then removed.
+    pub fn run_once(&self, env: &Env, image: &ImageFile) -> Result<PeerRun> {
+        std::fs::create_dir_all(&self.out).map_err(BenchError::io("create aria2c dir"))?;
+        let nginx0 = env.nginx.cpu();
+        let (fetch, _) = tools::measured(&command(
+            &self.aria2c,
+            &env.ca_pem(),
+            &self.input,
+            &self.out,
+            JOBS,
+        ))?;
+        let (sync, _) = tools::measured(Command::new("sync").args(&self.files))?;
+        let nginx_cpu = env.nginx.cpu() - nginx0;
+        for (file, (_, _, size)) in self.files.iter().zip(&image.vibs) {
+            let len = std::fs::metadata(file).map_or(0, |m| m.len());
+            if len != *size {
+                return Err(BenchError::Run(format!(
+                    "aria2c succeeded but {} has {len} bytes of {size}",
+                    file.display()
+                )));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.out);
+        tools::settle();
+        Ok(PeerRun {
+            cost: fetch.then(sync),
+            nginx_cpu,
+            detail: format!(
+                "aria2c {:.2} s, {:.2} CPU-s, {} + sync {:.2} s",
+                fetch.wall,
+                fetch.cpu,
+                report::mib(fetch.peak as f64),
+                sync.wall
+            ),
+        })
+    }
+}
 
 /// Writes aria2c's input file for `image` at `path`: one entry per VIB, fetched from `depot`
 /// into `vib-<i>` with its sha-256. Returns the files aria2c will write under `out`.

@@ -17,15 +17,17 @@
 //! bolt database (fdatasync per transaction). An interrupted ingest is resumed from its offset.
 //! Nothing is signed: the reference's digest pins the manifest, which pins the layers.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vibstage_protocol::Digest;
 
-use crate::env::ImageFile;
+use crate::env::{Env, ImageFile};
 use crate::procfs::{self, Memory};
-use crate::{BenchError, Result, tools};
+use crate::tools::{Cost, PeerRun};
+use crate::{BenchError, Result, report, say, tools};
 
 /// The repository of the P1 image in the OCI tree.
 const REPOSITORY: &str = "vibstage-bench/p1";
@@ -101,6 +103,70 @@ pub fn lay_out(root: &Path, image: &ImageFile, registry: &str) -> Result<OciImag
         reference: format!("{registry}/{REPOSITORY}@{manifest_name}"),
         blobs,
     })
+}
+
+/// P1's containerd peer: the daemon and the OCI image of the P1 VIBs, started once for all
+/// rounds.
+#[derive(Debug)]
+pub struct Peer {
+    daemon: Containerd,
+    image: OciImage,
+}
+
+impl Peer {
+    /// Installs containerd when missing ([`tools::ensure_package`]), lays `image` out in the
+    /// OCI tree nginx serves and starts a daemon in the work directory.
+    pub fn start(env: &Env, image: &ImageFile, log: &mut dyn Write) -> Result<Peer> {
+        let binary = tools::ensure_package("containerd", "containerd", log)?;
+        let ctr = tools::ensure_package("ctr", "containerd", log)?;
+        let registry = format!("127.0.0.1:{}", env.nginx.port);
+        let oci = lay_out(&env.oci_dir, image, &registry)?;
+        let dir = env.dir.join("containerd");
+        std::fs::create_dir_all(&dir).map_err(BenchError::io("create containerd dir"))?;
+        let daemon = Containerd::start(&binary, &ctr, &dir, &registry, &env.ca_pem())?;
+        say(
+            log,
+            format!(
+                "P1 peer: {}, pulling {}",
+                tools::version(&binary),
+                oci.reference
+            ),
+        );
+        Ok(Peer { daemon, image: oci })
+    }
+
+    /// One round: `ctr content fetch` of the image, checked to be in the store, then removed
+    /// from it. The cost is `ctr`'s plus the daemon's CPU and peak RSS.
+    pub fn run_once(&self, env: &Env) -> Result<PeerRun> {
+        let c = &self.daemon;
+        c.reset_peak()?;
+        let (daemon0, nginx0) = (c.cpu(), env.nginx.cpu());
+        let (client, _) = tools::measured(&c.fetch(&self.image))?;
+        let (daemon_cpu, nginx_cpu) = (c.cpu() - daemon0, env.nginx.cpu() - nginx0);
+        let daemon_peak = c.memory()?.peak;
+        let missing = c.missing(&self.image);
+        if missing > 0 {
+            return Err(BenchError::Run(format!(
+                "ctr content fetch succeeded but {missing} blobs are not in containerd's store"
+            )));
+        }
+        c.remove(&self.image)?;
+        Ok(PeerRun {
+            cost: Cost {
+                wall: client.wall,
+                cpu: client.cpu + daemon_cpu,
+                peak: client.peak + daemon_peak,
+            },
+            nginx_cpu,
+            detail: format!(
+                "ctr {:.2} CPU-s, {} + containerd {:.2} CPU-s, {}",
+                client.cpu,
+                report::mib(client.peak as f64),
+                daemon_cpu,
+                report::mib(daemon_peak as f64),
+            ),
+        })
+    }
 }
 
 /// A containerd daemon of the bench's own.

@@ -26,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::agent::AgentSetup;
-use crate::containerd::{self, Containerd, OciImage};
+use crate::containerd;
 use crate::env::{Env, ImageFile};
 use crate::report::{self, Met, Row, median};
 use crate::tools::Cost;
@@ -121,147 +121,6 @@ fn baseline_once(env: &Env, image: &ImageFile, dir: &Path) -> Result<Cost> {
     Ok(cost)
 }
 
-/// containerd with the OCI image of the P1 VIBs, started once for all rounds.
-struct ContainerdPeer {
-    daemon: Containerd,
-    image: OciImage,
-}
-
-/// A peer's round: what it cost (the daemon's CPU and peak added to the client's) and nginx's
-/// CPU seconds meanwhile.
-struct PeerRun {
-    cost: Cost,
-    nginx_cpu: f64,
-    /// How the cost splits between client and daemon, for the log.
-    detail: String,
-}
-
-/// Installs (when missing) and starts containerd; the reason when it cannot.
-fn start_containerd(
-    env: &Env,
-    image: &ImageFile,
-    log: &mut dyn Write,
-) -> std::result::Result<ContainerdPeer, String> {
-    let mut start = || -> Result<ContainerdPeer> {
-        let binary = tools::ensure_package("containerd", "containerd", log)?;
-        let ctr = tools::ensure_package("ctr", "containerd", log)?;
-        let registry = format!("127.0.0.1:{}", env.nginx.port);
-        let oci = containerd::lay_out(&env.oci_dir, image, &registry)?;
-        let dir = env.dir.join("containerd");
-        std::fs::create_dir_all(&dir).map_err(BenchError::io("create containerd dir"))?;
-        let daemon = Containerd::start(&binary, &ctr, &dir, &registry, &env.ca_pem())?;
-        say(
-            log,
-            format!(
-                "P1 peer: {}, pulling {}",
-                tools::version(&binary),
-                oci.reference
-            ),
-        );
-        Ok(ContainerdPeer { daemon, image: oci })
-    };
-    start().map_err(|e| e.to_string())
-}
-
-fn containerd_once(env: &Env, peer: &ContainerdPeer) -> Result<PeerRun> {
-    let c = &peer.daemon;
-    c.reset_peak()?;
-    let (daemon0, nginx0) = (c.cpu(), env.nginx.cpu());
-    let (client, _) = tools::measured(&c.fetch(&peer.image))?;
-    let (daemon_cpu, nginx_cpu) = (c.cpu() - daemon0, env.nginx.cpu() - nginx0);
-    let daemon_peak = c.memory()?.peak;
-    let missing = c.missing(&peer.image);
-    if missing > 0 {
-        return Err(BenchError::Run(format!(
-            "ctr content fetch succeeded but {missing} blobs are not in containerd's store"
-        )));
-    }
-    c.remove(&peer.image)?;
-    Ok(PeerRun {
-        cost: Cost {
-            wall: client.wall,
-            cpu: client.cpu + daemon_cpu,
-            peak: client.peak + daemon_peak,
-        },
-        nginx_cpu,
-        detail: format!(
-            "ctr {:.2} CPU-s, {} + containerd {:.2} CPU-s, {}",
-            client.cpu,
-            report::mib(client.peak as f64),
-            daemon_cpu,
-            report::mib(daemon_peak as f64),
-        ),
-    })
-}
-
-/// aria2c with its input file, ready for all rounds.
-struct Aria2Peer {
-    aria2c: PathBuf,
-    input: PathBuf,
-    out: PathBuf,
-    files: Vec<PathBuf>,
-}
-
-/// aria2c's downloads at a time: the agent's default `concurrency`.
-const ARIA2_JOBS: usize = 4;
-
-fn start_aria2(
-    env: &Env,
-    image: &ImageFile,
-    log: &mut dyn Write,
-) -> std::result::Result<Aria2Peer, String> {
-    let mut start = || -> Result<Aria2Peer> {
-        let aria2c = tools::ensure_package("aria2c", "aria2", log)?;
-        let input = env.dir.join("p1-aria2-input.txt");
-        let out = env.dir.join("p1-aria2");
-        let files = aria2::input_file(&input, image, &env.depot_url(), &out)?;
-        say(log, format!("P1 peer: {}", tools::version(&aria2c)));
-        Ok(Aria2Peer {
-            aria2c,
-            input,
-            out,
-            files,
-        })
-    };
-    start().map_err(|e| e.to_string())
-}
-
-fn aria2_once(env: &Env, image: &ImageFile, peer: &Aria2Peer) -> Result<PeerRun> {
-    std::fs::create_dir_all(&peer.out).map_err(BenchError::io("create aria2c dir"))?;
-    let nginx0 = env.nginx.cpu();
-    let (fetch, _) = tools::measured(&aria2::command(
-        &peer.aria2c,
-        &env.ca_pem(),
-        &peer.input,
-        &peer.out,
-        ARIA2_JOBS,
-    ))?;
-    let (sync, _) = tools::measured(Command::new("sync").args(&peer.files))?;
-    let nginx_cpu = env.nginx.cpu() - nginx0;
-    for (file, (_, _, size)) in peer.files.iter().zip(&image.vibs) {
-        let len = std::fs::metadata(file).map_or(0, |m| m.len());
-        if len != *size {
-            return Err(BenchError::Run(format!(
-                "aria2c succeeded but {} has {len} bytes of {size}",
-                file.display()
-            )));
-        }
-    }
-    let _ = std::fs::remove_dir_all(&peer.out);
-    tools::settle();
-    Ok(PeerRun {
-        cost: fetch.then(sync),
-        nginx_cpu,
-        detail: format!(
-            "aria2c {:.2} s, {:.2} CPU-s, {} + sync {:.2} s",
-            fetch.wall,
-            fetch.cpu,
-            report::mib(fetch.peak as f64),
-            sync.wall
-        ),
-    })
-}
-
 /// The medians of each field of `costs`.
 fn median_cost(costs: &[Cost]) -> Cost {
     let field = |f: fn(&Cost) -> f64| median(&costs.iter().map(f).collect::<Vec<_>>());
@@ -341,11 +200,11 @@ pub fn run(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<P1> {
     let urls = image.urls(&env.depot_url());
     let blobs: Vec<PathBuf> = image.vibs.iter().map(|v| v.0.clone()).collect();
     let scratch = env.dir.join("p1-baseline");
-    let containerd_peer = start_containerd(env, &image, log);
+    let containerd_peer = containerd::Peer::start(env, &image, log).map_err(|e| e.to_string());
     if let Err(e) = &containerd_peer {
         say(log, format!("P1 peer containerd not available: {e}"));
     }
-    let aria2_peer = start_aria2(env, &image, log);
+    let aria2_peer = aria2::Peer::start(env, &image, log).map_err(|e| e.to_string());
     if let Err(e) = &aria2_peer {
         say(log, format!("P1 peer aria2c not available: {e}"));
     }
@@ -390,7 +249,7 @@ pub fn run(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<P1> {
         tools::settle();
         let mut peers = Vec::new();
         if let Ok(peer) = &containerd_peer {
-            let r = containerd_once(env, peer)?;
+            let r = peer.run_once(env)?;
             peers.push(format!(
                 "{} [{}; nginx {:.2} CPU-s]",
                 logged("containerd", &r.cost),
@@ -400,7 +259,7 @@ pub fn run(env: &Env, sizes: &Sizes, log: &mut dyn Write) -> Result<P1> {
             ctd.push(r.cost);
         }
         if let Ok(peer) = &aria2_peer {
-            let r = aria2_once(env, &image, peer)?;
+            let r = peer.run_once(env, &image)?;
             peers.push(format!(
                 "{} [{}; nginx {:.2} CPU-s]",
                 logged("aria2c+sync", &r.cost),

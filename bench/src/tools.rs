@@ -150,6 +150,17 @@ impl Cost {
     }
 }
 
+/// A round of one of P1's peers ([`crate::containerd`], [`crate::aria2`]).
+#[derive(Clone, Debug)]
+pub struct PeerRun {
+    /// Its time, CPU seconds and peak RSS (a daemon's added to its client's).
+    pub cost: Cost,
+    /// nginx's CPU seconds meanwhile (in no row; the log prints it).
+    pub nginx_cpu: f64,
+    /// How the cost splits between the processes, for the log.
+    pub detail: String,
+}
+
 /// The first argument that makes `vibstage-bench` the measuring wrapper of [`measure_main`]
 /// instead of the benchmark.
 pub const MEASURE_ARG: &str = "__measure";
