@@ -13,7 +13,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use vibstage_bench::{Figure, Options, Sizes, report, tools};
 
-/// Benchmarks of vibstage against curl, openssl, sync, dd and nginx, as one table of ratios.
+/// Benchmarks of vibstage against curl, openssl, sync, dd, nginx, containerd and aria2c, as one
+/// table of ratios.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
