@@ -5,8 +5,9 @@
 //! ([`setup`]), a depot built with `vibstagectl`'s own library code and served over HTTPS on
 //! loopback by nginx from the distribution ([`nginx`]), and real `vibstaged` processes built next
 //! to this binary ([`agent`]). Baselines run the real tools (`curl`, `openssl dgst`, `sync`,
-//! `dd`, [`tools`]) and P1's peers (containerd, aria2c) against the same nginx and the same files within the same run, so every ratio
-//! compares like with like on whatever machine runs it. Each figure is repeated and its median
+//! `dd`, [`tools`]) and P1's peers ([`containerd`], [`aria2`]) against the same nginx and the
+//! same files within the same run, so every ratio compares like with like on whatever machine
+//! runs it. Each figure is repeated and its median
 //! reported ([`report`]).
 //!
 //! | figure | module |
