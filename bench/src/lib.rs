@@ -7,8 +7,7 @@
 //! to this binary ([`agent`]). Baselines run the real tools (`curl`, `openssl dgst`, `sync`,
 //! `dd`, [`tools`]) and P1's peers ([`containerd`], [`aria2`]) against the same nginx and the
 //! same files within the same run, so every ratio compares like with like on whatever machine
-//! runs it. Each figure is repeated and its median
-//! reported ([`report`]).
+//! runs it. Each figure is repeated and its median reported ([`report`]).
 //!
 //! | figure | module |
 //! | --- | --- |
