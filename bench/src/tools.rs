@@ -34,26 +34,34 @@ pub fn ensure_package(tool: &str, package: &str, log: &mut dyn std::io::Write) -
         log,
         format!("{tool} is missing: installing {package} with apt-get"),
     );
-    for args in [
-        &["update", "-q"][..],
-        &["install", "-y", "-q", "--no-install-recommends", package][..],
-    ] {
-        let out = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("TMPDIR", "/var/tmp")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(BenchError::io("run apt-get (is this Debian?)"))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(BenchError::Setup(format!(
-                "apt-get {} failed: {}",
-                args.join(" "),
-                err.lines().last().unwrap_or_default().trim()
-            )));
+    let install = || -> std::result::Result<(), String> {
+        for args in [
+            &["update", "-q"][..],
+            &["install", "-y", "-q", "--no-install-recommends", package][..],
+        ] {
+            let out = Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .env("TMPDIR", "/var/tmp")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run apt-get ({e})"))?;
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                return Err(format!(
+                    "apt-get {} failed: {}",
+                    args.join(" "),
+                    err.lines().last().unwrap_or_default().trim()
+                ));
+            }
         }
-    }
+        Ok(())
+    };
+    install().map_err(|e| {
+        BenchError::Setup(format!(
+            "`{tool}` is not installed and installing {package} failed: {e}"
+        ))
+    })?;
     find(tool).ok_or_else(|| {
         BenchError::Setup(format!(
             "apt-get installed {package} but no `{tool}` is on PATH"
