@@ -103,6 +103,8 @@ pub struct Env {
     pub nginx: Nginx,
     /// The file nginx serves as `/v1/status` on its mTLS port (P6 writes a real status into it).
     pub status_file: PathBuf,
+    /// The OCI distribution tree nginx serves under `/v2/` (P1's containerd peer).
+    pub oci_dir: PathBuf,
     /// Keep agents' directories (their logs) for inspection.
     pub(crate) keep: bool,
     /// Images already in the depot, by name, so that figures sharing one build it once.

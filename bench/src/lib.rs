@@ -5,13 +5,13 @@
 //! ([`setup`]), a depot built with `vibstagectl`'s own library code and served over HTTPS on
 //! loopback by nginx from the distribution ([`nginx`]), and real `vibstaged` processes built next
 //! to this binary ([`agent`]). Baselines run the real tools (`curl`, `openssl dgst`, `sync`,
-//! `dd`, [`tools`]) against the same nginx and the same files within the same run, so every ratio
-//! compares like with like on whatever machine runs it. Each figure is repeated and its median
-//! reported ([`report`]).
+//! `dd`, [`tools`]) and P1's peers ([`containerd`], [`aria2`]) against the same nginx and the
+//! same files within the same run, so every ratio compares like with like on whatever machine
+//! runs it. Each figure is repeated and its median reported ([`report`]).
 //!
 //! | figure | module |
 //! | --- | --- |
-//! | P1 throughput, P2 memory | [`p1`] |
+//! | P1 throughput, P2 memory | [`p1`], with the peers [`containerd`] and [`aria2`] |
 //! | P3 resume | [`p3`] |
 //! | P4 recovery and scrub | [`p4`] |
 //! | P5 fan-out | [`p5`] |
@@ -24,7 +24,9 @@
 //! whole harness; it measures the same things but its numbers mean nothing.
 
 pub mod agent;
+pub mod aria2;
 pub mod cgroup;
+pub mod containerd;
 pub mod env;
 pub mod http;
 pub mod loadgen;

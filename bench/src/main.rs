@@ -11,9 +11,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vibstage_bench::{Figure, Options, Sizes, report};
+use vibstage_bench::{Figure, Options, Sizes, report, tools};
 
-/// Benchmarks of vibstage against curl, openssl, sync, dd and nginx, as one table of ratios.
+/// Benchmarks of vibstage against curl, openssl, sync, dd, nginx, containerd and aria2c, as one
+/// table of ratios.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -72,6 +73,10 @@ fn figures(what: &[String]) -> Result<Vec<Figure>, String> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == tools::MEASURE_ARG) {
+        return tools::measure_main(&argv[2..]);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => return vibstage::daemon_args::clap_exit(e),

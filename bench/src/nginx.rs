@@ -5,7 +5,8 @@
 //! Two servers: the depot (`<depot>/vibs/<sha256>` and the rest of the tree, plain TLS, as any
 //! depot would be served), and for P6 a static copy of an agent's status answer behind mutual
 //! TLS with the controller CA, the same request over the same kind of connection as the agent's
-//! API. The access log records, per request, when it ended, how long it took, its status, the
+//! API. The depot server also serves a static tree of OCI distribution paths (an image whose
+//! layers are the depot's VIBs) to P1's containerd peer. The access log records, per request, when it ended, how long it took, its status, the
 //! body bytes sent and the Range asked for: P3 counts the bytes fetched after a restart from it.
 
 use std::io::Write as _;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{BenchError, Result, say, tools};
+use crate::{BenchError, Result, tools};
 
 /// A running nginx.
 #[derive(Debug)]
@@ -52,33 +53,9 @@ impl Access {
     }
 }
 
-/// Makes sure `nginx` is installed: `apt-get install -y nginx` (after `apt-get update`) if not.
+/// Makes sure `nginx` is installed ([`tools::ensure_package`]).
 pub fn ensure_installed(log: &mut dyn std::io::Write) -> Result<PathBuf> {
-    if let Some(path) = tools::find("nginx") {
-        return Ok(path);
-    }
-    say(log, "nginx is missing: installing it with apt-get");
-    for args in [
-        &["update", "-q"][..],
-        &["install", "-y", "-q", "--no-install-recommends", "nginx"][..],
-    ] {
-        let out = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(BenchError::io("run apt-get (is this Debian?)"))?;
-        if !out.status.success() {
-            return Err(BenchError::Setup(format!(
-                "apt-get {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    tools::find("nginx").ok_or_else(|| {
-        BenchError::Setup("apt-get installed nginx but no nginx binary is on PATH".into())
-    })
+    tools::ensure_package("nginx", "nginx", log)
 }
 
 /// Where nginx finds its files.
@@ -94,6 +71,9 @@ pub struct Files<'a> {
     pub client_ca: &'a Path,
     /// The file served as `/v1/status` by the mTLS server.
     pub status: &'a Path,
+    /// The root of the OCI distribution tree (`v2/<name>/blobs/…`, `v2/<name>/manifests/…`)
+    /// served by the depot server for P1's containerd peer ([`crate::containerd`]).
+    pub oci: &'a Path,
 }
 
 impl Nginx {
@@ -137,6 +117,14 @@ http {{
     server {{
         listen 127.0.0.1:{port} ssl;
         root {depot};
+        # The read paths of the OCI distribution API, static: what a registry answers to a pull
+        # by digest. A manifest must come with its media type.
+        location /v2/ {{
+            root {oci};
+            location ~ "^/v2/.+/manifests/sha256:[0-9a-f]{{64}}$" {{
+                default_type application/vnd.oci.image.manifest.v1+json;
+            }}
+        }}
     }}
     server {{
         listen 127.0.0.1:{mtls_port} ssl;
@@ -155,6 +143,7 @@ http {{
             depot = files.depot.display(),
             client_ca = files.client_ca.display(),
             status = files.status.display(),
+            oci = files.oci.display(),
         );
         let conf = dir.join("nginx.conf");
         std::fs::File::create(&conf)

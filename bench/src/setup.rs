@@ -90,6 +90,8 @@ impl Env {
         std::fs::create_dir_all(&depot_dir).map_err(BenchError::io("create depot dir"))?;
         let status_file = dir.join("status.json");
         write(&status_file, "{}")?;
+        let oci_dir = dir.join("oci");
+        std::fs::create_dir_all(&oci_dir).map_err(BenchError::io("create oci dir"))?;
         let nginx = Nginx::start(
             &nginx_bin,
             &dir.join("nginx"),
@@ -99,6 +101,7 @@ impl Env {
                 key: &tls_dir.join("server.key"),
                 client_ca: &tls_dir.join("ca.pem"),
                 status: &status_file,
+                oci: &oci_dir,
             },
         )?;
         say(log, format!("nginx depot at {}", nginx.url()));
@@ -112,6 +115,7 @@ impl Env {
             depot_dir,
             nginx,
             status_file,
+            oci_dir,
             keep: options.keep || options.dir.is_some(),
             images: RefCell::default(),
         })
