@@ -423,6 +423,36 @@ fn stage(
     Ok((run, timeline, fleet_cpu))
 }
 
+/// `stage --wait` of a new `image` while the hosts in `out` are down or refuse the controller,
+/// then `status`: both exit 3, the report names exactly those hosts, every other host stages.
+fn degraded_run(
+    env: &Env,
+    hosts: &Hosts,
+    agents: &[Agent],
+    image: &ImageFile,
+    out: &[usize],
+    what: &str,
+) -> Result<(Run, String, Run)> {
+    let (run, timeline, _) = stage(
+        env,
+        hosts,
+        image,
+        agents,
+        3,
+        |i, v| {
+            if out.contains(&i) {
+                unreachable_or_refused(v)
+            } else {
+                succeeded(v)
+            }
+        },
+        &format!("stage with {what}"),
+    )?;
+    let status = controller(env, hosts, false, &["status"])?;
+    status.expect_code(&format!("status with {what}"), 3)?;
+    Ok((run, timeline, status))
+}
+
 /// Runs P7 against `p1_rate` (bytes per second through the P1 path).
 pub fn run(env: &Env, sizes: &Sizes, p1_rate: f64, log: &mut dyn Write) -> Result<Vec<Row>> {
     let n = sizes.p7_agents;
@@ -570,23 +600,8 @@ pub fn run(env: &Env, sizes: &Sizes, p1_rate: f64, log: &mut dyn Write) -> Resul
         agents[i].kill9();
     }
     let image_b = env.image("bench-p7-b", sizes.p7_vibs, sizes.p7_vib_size, log)?;
-    let (degraded, degraded_timeline, _) = stage(
-        env,
-        &hosts,
-        &image_b,
-        &agents,
-        3,
-        |i, v| {
-            if down.contains(&i) {
-                unreachable_or_refused(v)
-            } else {
-                succeeded(v)
-            }
-        },
-        "stage with 1 % down",
-    )?;
-    let status_down = controller(env, &hosts, false, &["status"])?;
-    status_down.expect_code("status with 1 % down", 3)?;
+    let (degraded, degraded_timeline, status_down) =
+        degraded_run(env, &hosts, &agents, &image_b, &down, "1 % down")?;
     say(
         log,
         format!(
@@ -612,24 +627,10 @@ pub fn run(env: &Env, sizes: &Sizes, p1_rate: f64, log: &mut dyn Write) -> Resul
     for &i in &refusing {
         agents[i].wait_log("allow-lists reloaded", Duration::from_secs(30))?;
     }
+    let out: Vec<usize> = down.iter().chain(&refusing).copied().collect();
     let image_c = env.image("bench-p7-c", sizes.p7_vibs, sizes.p7_vib_size, log)?;
-    let (worse, worse_timeline, _) = stage(
-        env,
-        &hosts,
-        &image_c,
-        &agents,
-        3,
-        |i, v| {
-            if down.contains(&i) || refusing.contains(&i) {
-                unreachable_or_refused(v)
-            } else {
-                succeeded(v)
-            }
-        },
-        "stage with 5 % down or refusing",
-    )?;
-    let summary = controller(env, &hosts, false, &["status"])?;
-    summary.expect_code("status with 5 % down or refusing", 3)?;
+    let (worse, worse_timeline, summary) =
+        degraded_run(env, &hosts, &agents, &image_c, &out, "5 % down or refusing")?;
     say(
         log,
         format!(

@@ -300,6 +300,28 @@ pub fn parse_dgst(stdout: &[u8]) -> Option<String> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_owned())
 }
 
+/// Sends `signal` to `child` (if it still runs) and waits up to `grace` for it to exit, then
+/// kills it: how every process the bench started is stopped.
+pub fn stop(
+    child: &mut Option<std::process::Child>,
+    signal: nix::sys::signal::Signal,
+    grace: std::time::Duration,
+) {
+    let Some(mut child) = child.take() else {
+        return;
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
