@@ -230,117 +230,140 @@ fn excerpt(bytes: &[u8]) -> String {
     short
 }
 
-/// The most ordinary requests (everything but long-polls) one command has in flight across all
-/// its hosts. Each of them may have to open a connection, and a controller that opens a
-/// thousand TLS connections at the same instant is a thundering herd: the hosts answer in a
-/// burst it then has to absorb, and where many agents share little CPU (this repository's
-/// 1,000-agent bench on 2 cores) their handshakes miss the agents' 3-second handshake deadline.
-/// Long-polls do not count: they wait on connections already open and mostly sit idle.
-pub const IN_FLIGHT: usize = 64;
+/// The most connections one command sets up at once across all its hosts (TCP connect and TLS
+/// handshake; a request on an open connection needs no slot). A controller that opens a
+/// thousand TLS connections at the same instant is a thundering herd: where many agents share
+/// little CPU (this repository's 1,000-agent bench on 2 cores) their handshakes miss the agents'
+/// 3-second handshake deadline. A slot is held only while the connection is set up, so hosts
+/// that take the request and then never answer hold none.
+pub const DIALING: usize = 64;
+
+/// How long setting up one connection may take once it has its slot.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Times a request whose connection could not be set up is tried again, after
 /// [`CONNECT_BACKOFF`], then twice that: nothing reached the host, so trying again is safe even
 /// for a POST, and a host that is busy for a moment (a TLS handshake that missed the agent's
-/// deadline on a loaded host, a full accept queue) should not fail a fleet-wide rollout.
+/// deadline on a loaded host) should not fail a fleet-wide rollout.
 const CONNECT_RETRIES: u32 = 2;
 const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Whether `e` failed to set up the connection (TCP or TLS) for a reason that may pass: not a
-/// refused connection (nothing listens: the agent is not running, and the operator should hear
-/// so at once) and not a certificate or TLS refusal, which no retry changes.
+/// Whether `e` failed to set up the connection in a way that may pass: the host hung up or
+/// reset during the TCP or TLS handshake, or did not finish it in time. Nothing else is tried
+/// again: a refused connection (nothing listens), a name that does not resolve, a certificate
+/// either side refuses, a peer that does not speak TLS.
 fn worth_reconnecting(e: &reqwest::Error) -> bool {
+    use std::io::ErrorKind::{
+        BrokenPipe, ConnectionAborted, ConnectionReset, TimedOut, UnexpectedEof,
+    };
     if !e.is_connect() {
         return false;
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        if err.is::<tower::timeout::error::Elapsed>()
+            || io_kind(err).is_some_and(|kind| {
+                matches!(
+                    kind,
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut
+                )
+            })
         {
-            return false;
-        }
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(
-            rustls::Error::InvalidCertificate(_)
-            | rustls::Error::NoCertificatesPresented
-            | rustls::Error::AlertReceived(_)
-            | rustls::Error::PeerIncompatible(_)
-            | rustls::Error::PeerMisbehaved(_),
-        ) = tls
-        {
-            return false;
+            return true;
         }
         source = err.source();
     }
-    true
+    false
+}
+
+/// The kind of the innermost I/O error `err` is or wraps (the connector hands the OS's error on
+/// inside an `ErrorKind::Other` of its own).
+fn io_kind(err: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let io = err.downcast_ref::<std::io::Error>()?;
+    match io.get_ref() {
+        Some(inner) if io.kind() == std::io::ErrorKind::Other => io_kind(inner).or(Some(io.kind())),
+        _ => Some(io.kind()),
+    }
 }
 
 /// A client bound to one agent.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
     client: reqwest::Client,
-    /// Shared by the hosts of one command: a permit per ordinary request in flight.
-    in_flight: Option<Arc<Semaphore>>,
     base: String,
     /// How the target is named in output.
     pub name: String,
 }
 
 /// What every remote agent of one command shares: the controller's identity and the CA, read
-/// and parsed once, and one HTTPS client, so one TLS configuration and one pool of kept-alive
-/// connections (a connection per host, reused by that host's polls) serve a thousand hosts as
-/// cheaply as one. Per-host clients would each parse the files, build a TLS configuration and
-/// keep a pool of their own.
+/// and parsed once into one TLS configuration (whose session cache all hosts share), and the
+/// [`DIALING`] slots. Each host gets its own small connection pool on top, so its connection
+/// closes as soon as the host is done: with `--parallel N` the controller holds about N
+/// connections, not one per host it has finished with.
 #[derive(Clone, Debug)]
 pub struct Fleet {
-    client: reqwest::Client,
-    in_flight: Arc<Semaphore>,
+    tls: rustls::ClientConfig,
+    dialing: Arc<Semaphore>,
 }
 
 impl Fleet {
     /// Reads `ca.pem`, `client.pem` and `client.key` from `tls_dir`.
     pub fn new(tls_dir: &Path) -> Result<Fleet, ClientError> {
-        let read = |file: &str| {
-            std::fs::read(tls_dir.join(file)).map_err(|e| {
-                let e = without_os_error(e.to_string());
-                ClientError::Setup(format!(
-                    "cannot read {}: {e} (--tls-dir holds ca.pem, client.pem and client.key, as \
-                     written by `vibstagectl certs init`)",
-                    tls_dir.join(file).display()
-                ))
-            })
+        let setup = |file: &str, e: String| {
+            ClientError::Setup(format!(
+                "{}: {} (--tls-dir holds ca.pem, client.pem and client.key, as written by \
+                 `vibstagectl certs init`)",
+                tls_dir.join(file).display(),
+                without_os_error(e)
+            ))
         };
-        let ca = reqwest::Certificate::from_pem_bundle(&read("ca.pem")?)
-            .map_err(|e| ClientError::Setup(format!("ca.pem: {}", chain(e))))?;
-        let mut identity = read("client.pem")?;
-        identity.extend_from_slice(&read("client.key")?);
-        let identity = reqwest::Identity::from_pem(&identity)
-            .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {}", chain(e))))?;
-        let client = builder()
-            .tls_certs_only(ca)
-            .identity(identity)
-            .https_only(true)
-            .build()
-            .map_err(|e| ClientError::Setup(chain(e)))?;
+        let mut roots = rustls::RootCertStore::empty();
+        let cas = vibstage::tls::load_certs("the CA", &tls_dir.join("ca.pem"))
+            .map_err(|e| setup("ca.pem", e.to_string()))?;
+        if cas.is_empty() {
+            return Err(setup("ca.pem", "no certificate in it".into()));
+        }
+        for ca in cas {
+            roots
+                .add(ca)
+                .map_err(|e| setup("ca.pem", format!("not a CA certificate: {e}")))?;
+        }
+        let certs =
+            vibstage::tls::load_certs("the controller certificate", &tls_dir.join("client.pem"))
+                .map_err(|e| setup("client.pem", e.to_string()))?;
+        let key = vibstage::tls::load_key("the controller key", &tls_dir.join("client.key"))
+            .map_err(|e| setup("client.key", e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Setup(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| ClientError::Setup(format!("client.pem/client.key: {e}")))?;
         Ok(Fleet {
-            client,
-            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            tls,
+            dialing: Arc::new(Semaphore::new(DIALING)),
         })
     }
 
     /// The agent at `addr`, shown as `name`.
-    pub fn agent(&self, addr: &HostAddr, name: &str) -> AgentClient {
-        AgentClient {
-            client: self.client.clone(),
-            in_flight: Some(self.in_flight.clone()),
+    pub fn agent(&self, addr: &HostAddr, name: &str) -> Result<AgentClient, ClientError> {
+        // Layers wrap the ones added before: the slot is taken first, then the connection has
+        // CONNECT_TIMEOUT (waiting for a slot is bounded by the request's own deadline).
+        let client = builder()
+            .tls_backend_preconfigured(self.tls.clone())
+            .https_only(true)
+            .connector_layer(tower::timeout::TimeoutLayer::new(CONNECT_TIMEOUT))
+            .connector_layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                self.dialing.clone(),
+            ))
+            .build()
+            .map_err(|e| ClientError::Setup(chain(e)))?;
+        Ok(AgentClient {
+            client,
             base: format!("https://{}", addr.authority()),
             name: name.to_owned(),
-        }
+        })
     }
 }
 
@@ -352,23 +375,21 @@ fn chain(e: reqwest::Error) -> String {
 
 /// What every client of an agent has: no redirects (a redirect would carry the signed image and
 /// our certificate to a place the operator never named, issue 18 item 1: a 3xx is an answer,
-/// not an instruction) and a 10 s limit on connecting.
+/// not an instruction).
 fn builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
 }
 
 impl AgentClient {
     /// The local agent on `socket`.
     pub fn local(socket: &Path) -> Result<AgentClient, ClientError> {
         let client = builder()
+            .connect_timeout(CONNECT_TIMEOUT)
             .unix_socket(socket)
             .build()
             .map_err(|e| ClientError::Setup(chain(e)))?;
         Ok(AgentClient {
             client,
-            in_flight: None,
             base: "http://localhost".into(),
             name: socket.display().to_string(),
         })
@@ -377,16 +398,15 @@ impl AgentClient {
     /// A remote agent at `addr` over mutual TLS with the files in `tls_dir`, shown as `name`.
     /// For several agents, load the files once with [`Fleet::new`] instead.
     pub fn remote(addr: &HostAddr, name: &str, tls_dir: &Path) -> Result<AgentClient, ClientError> {
-        Ok(Fleet::new(tls_dir)?.agent(addr, name))
+        Fleet::new(tls_dir)?.agent(addr, name)
     }
 
-    /// Sends `request` and reads its answer. An ordinary request first waits for one of the
-    /// [`IN_FLIGHT`] permits; a long-poll (`long_poll`) does not.
+    /// Sends `request` and reads its answer, trying again when the connection could not be
+    /// set up ([`worth_reconnecting`]).
     async fn send<T: DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
         timeout: Duration,
-        long_poll: bool,
     ) -> Result<(u16, T), ClientError> {
         let mut retries = 0;
         let mut response = loop {
@@ -395,17 +415,9 @@ impl AgentClient {
                     "internal error: a request body that cannot be sent twice".into(),
                 ));
             };
-            let permit = match &self.in_flight {
-                Some(limit) if !long_poll => limit.acquire().await.ok(),
-                _ => None,
-            };
             match attempt.timeout(timeout).send().await {
-                Ok(r) => {
-                    drop(permit);
-                    break r;
-                }
+                Ok(r) => break r,
                 Err(e) if retries < CONNECT_RETRIES && worth_reconnecting(&e) => {
-                    drop(permit);
                     retries += 1;
                     tokio::time::sleep(CONNECT_BACKOFF * retries).await;
                 }
@@ -468,7 +480,6 @@ impl AgentClient {
         self.send(
             self.client.get(format!("{}{path}", self.base)),
             REQUEST_TIMEOUT,
-            false,
         )
         .await
         .map(|(_, v)| v)
@@ -480,13 +491,9 @@ impl AgentClient {
         path: &str,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        self.send(
-            self.client.get(format!("{}{path}", self.base)),
-            timeout,
-            true,
-        )
-        .await
-        .map(|(_, v)| v)
+        self.send(self.client.get(format!("{}{path}", self.base)), timeout)
+            .await
+            .map(|(_, v)| v)
     }
 
     /// POST `body` as JSON to `path`; returns the status and the answer.
@@ -498,7 +505,6 @@ impl AgentClient {
         self.send(
             self.client.post(format!("{}{path}", self.base)).json(body),
             REQUEST_TIMEOUT,
-            false,
         )
         .await
     }
@@ -508,7 +514,6 @@ impl AgentClient {
         self.send(
             self.client.delete(format!("{}{path}", self.base)),
             REQUEST_TIMEOUT,
-            false,
         )
         .await
         .map(|(_, v)| v)

@@ -6,7 +6,10 @@
 //!   not fit under it, and says so when even the hard limit is too low;
 //! - a host whose TLS handshake was cut (an agent that missed its handshake deadline while busy)
 //!   is tried again, twice, a second and then two apart, before it counts as unreachable;
-//! - a refused connection (nothing listens) is not tried again.
+//! - a refused connection (nothing listens) or a server certificate from another CA is not tried
+//!   again;
+//! - hosts that take a request and never answer hold no slot the other hosts need, and with
+//!   `--parallel N` the controller keeps about N connections, not one per host it finished.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -62,7 +65,7 @@ fn a_host_whose_first_handshakes_were_cut_is_tried_again_issue15() {
         out.status.code(),
         Some(0),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(host.connections(), 3, "two cut, the third served");
     assert_eq!(host.count("GET", "/v1/status"), 1);
@@ -153,7 +156,7 @@ fn too_low_a_hard_limit_on_open_files_is_named_with_what_to_do_issue15() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(
-            "warning: 40 hosts at once need about 104 open files, but at most 32 may be open"
+            "warning: 40 hosts at once need about 72 open files, but at most 32 may be open"
         ),
         "{stderr}"
     );
@@ -269,4 +272,111 @@ fn fake_scripted(
         &world.dir.path().join(format!("fake-{name}")),
         script,
     )
+}
+
+#[test]
+fn a_server_certificate_from_another_ca_is_not_tried_again_issue15() {
+    let world = World::new();
+    let other = vibstage_ctl::pki::DevCa::generate(vibstage_ctl::pki::Validity::standard(
+        time::OffsetDateTime::now_utc(),
+    ))
+    .expect("another CA");
+    let host = FakeAgent::start(&other, &world.dir.path().join("fake-other"), |_| {
+        Answer::Json(200, fake_status("other"))
+    });
+    let out = ctl(&world, &[host.addr()], None, &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(host.connections(), 1, "a refused certificate is final");
+    let message = report(&out)[&host.addr()]["error"]["message"].to_string();
+    assert!(message.contains("certificate"), "{message}");
+}
+
+#[test]
+fn hosts_that_never_answer_do_not_hold_back_the_others_issue15() {
+    let world = World::new();
+    // More silent hosts than the controller sets up connections at once, listed first.
+    let (_hung, mut addrs) = hanging_hosts(&world, 70);
+    let good: Vec<FakeAgent> = (0..5)
+        .map(|i| {
+            fake(
+                &world,
+                &format!("good{i}"),
+                0,
+                Answer::Json(200, fake_status("good")),
+            )
+        })
+        .collect();
+    addrs.extend(good.iter().map(FakeAgent::addr));
+    let out = ctl(&world, &addrs, None, &["--timeout", "8s", "status"]);
+    assert_eq!(out.status.code(), Some(1), "the silent hosts time out");
+    let report = report(&out);
+    for g in &good {
+        assert_eq!(
+            report[&g.addr()]["host_id"],
+            "good",
+            "{}",
+            report[&g.addr()]
+        );
+    }
+}
+
+#[test]
+fn with_parallel_the_controller_keeps_only_that_many_connections_issue15() {
+    let world = World::new();
+    let hosts: Vec<FakeAgent> = (0..60)
+        .map(|i| {
+            fake(
+                &world,
+                &format!("p{i}"),
+                0,
+                Answer::Json(200, fake_status("p")),
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = hosts.iter().map(FakeAgent::addr).collect();
+    // 48 open files hold 8 connections and the rest, not 60 connections kept for reuse.
+    let out = ctl(
+        &world,
+        &addrs,
+        Some("48:48"),
+        &["--parallel", "8", "status"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert_eq!(report(&out).len(), 60);
+}
+
+#[test]
+fn task_lists_of_many_hosts_are_printed_whole_issue15() {
+    let world = World::new();
+    let hosts: Vec<FakeAgent> = (0..12)
+        .map(|i| {
+            let task = vibstage_e2e::fake_agent::task(&format!("t{i}"), "succeeded", (1, 1), None);
+            fake(
+                &world,
+                &format!("l{i}"),
+                0,
+                Answer::Json(200, serde_json::json!({"tasks": [task]})),
+            )
+        })
+        .collect();
+    let mut cmd = Command::new(vibstagectl());
+    cmd.arg("--tls-dir").arg(&world.tls_dir);
+    for h in &hosts {
+        cmd.arg("--host").arg(h.addr());
+    }
+    let out = cmd.arg("tasks").output().expect("run vibstagectl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // More than 10 hosts, all well: still a line for each host's task, the list being the answer.
+    for (i, h) in hosts.iter().enumerate() {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{}: ", h.addr())) && l.contains(&format!("t{i}"))),
+            "no task line for {}: {stdout}",
+            h.addr()
+        );
+    }
 }

@@ -347,6 +347,9 @@ pub(super) struct Plan {
     pub(super) max_bytes: Option<u64>,
     /// A table header: rows are `host  line` under it instead of `host: line` (`status`).
     pub(super) header: Option<String>,
+    /// Every host's lines are the answer (`staged`, `tasks`): printed for any number of hosts,
+    /// not only for the ones that failed.
+    pub(super) lists: bool,
 }
 
 /// Runs `op` on every target with at most `parallel` at once; `max_failures` stops starting new
@@ -368,6 +371,7 @@ where
         max_failures,
         max_bytes,
         header,
+        lists,
     } = plan;
     let header = header.as_deref();
     let parallel = ctx
@@ -379,7 +383,7 @@ where
         .max(1);
     let timeout = ctx.target.timeout;
     let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
-    let every_line = ctx.target.verbose || names.len() <= SMALL_FLEET;
+    let every_line = ctx.target.verbose || lists || names.len() <= SMALL_FLEET;
     // A table (`status`): the host column padded to the longest name, under a header line;
     // otherwise `host: line`.
     let width = names
@@ -730,7 +734,7 @@ fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
         let mut shown: Vec<String> = codes
             .iter()
             .take(SUMMARY_CODES)
-            .map(|(k, n)| format!("{} {n}", escape(k, 60)))
+            .map(|(k, n)| format!("{} {n}", shorten(k, 60)))
             .collect();
         if codes.len() > SUMMARY_CODES {
             shown.push(format!("and {} more codes", codes.len() - SUMMARY_CODES));
@@ -740,7 +744,7 @@ fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
     let not_ok: Vec<String> = classes
         .iter()
         .filter(|(_, c)| *c != Class::Ok)
-        .map(|(name, c)| format!("{name} ({})", c.word()))
+        .map(|(name, c)| format!("{} ({})", shorten(name, 60), c.word()))
         .collect();
     if not_ok.len() > SUMMARY_HOSTS {
         lines.push(format!(
@@ -752,6 +756,15 @@ fn summary(classes: &[(&str, Class)], facts: &[Facts]) -> Vec<String> {
         lines.push(format!("  not ok: {}", not_ok.join(", ")));
     }
     lines
+}
+
+/// At most `max` characters of `text` (then `…`), not yet escaped: summary lines are escaped
+/// once, whole, when printed, so that a name or code is never escaped twice.
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// A host's bar once its size is known: binary units, as [`human_bytes`] prints the final lines.

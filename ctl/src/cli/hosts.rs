@@ -181,14 +181,19 @@ fn targets(ctx: &Context) -> Result<Vec<AgentClient>, CliError> {
     };
     open_files_for(parsed.len(), ctx.target.parallel.map(|p| p.get()));
     let fleet = Fleet::new(tls_dir).map_err(|e| CliError::Usage(e.to_string()))?;
-    Ok(parsed
+    parsed
         .iter()
-        .map(|(addr, raw)| fleet.agent(addr, raw))
-        .collect())
+        .map(|(addr, raw)| {
+            fleet
+                .agent(addr, raw)
+                .map_err(|e| CliError::Usage(e.to_string()))
+        })
+        .collect()
 }
 
-/// Files the controller keeps open besides its connections (runtime, TLS files, terminal).
-const SPARE_FILES: u64 = 64;
+/// Files the controller keeps open besides its connections (standard streams, the runtime's
+/// event and signal descriptors, a file being read), with room to spare.
+const SPARE_FILES: u64 = 32;
 
 /// Makes room for one connection per host in flight: raises the soft limit on open files up to
 /// the hard limit when `hosts` (or `--parallel`) connections would not fit under it, as Go and
@@ -556,7 +561,7 @@ pub fn lifecycle(
             parallel,
             max_failures,
             max_bytes,
-            header: None,
+            ..Plan::default()
         },
         move |client, watch| {
             let (image, depot) = (image.clone(), depot.clone());
@@ -591,7 +596,11 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
     match args.command {
         None => {
             let clients = targets(ctx)?;
-            fan_out(ctx, out, clients, Plan::default(), |client, _| async move {
+            let plan = Plan {
+                lists: true,
+                ..Plan::default()
+            };
+            fan_out(ctx, out, clients, plan, |client, _| async move {
                 let list: vibstage_protocol::api::StagedList = client.get("/v1/staged").await?;
                 let items: Vec<String> = list
                     .staged
@@ -646,7 +655,11 @@ pub fn staged(args: StagedArgs, ctx: &Context, out: &mut dyn Write) -> Result<()
 /// `tasks`.
 pub fn tasks(ctx: &Context, out: &mut dyn Write) -> Result<(), CliError> {
     let clients = targets(ctx)?;
-    fan_out(ctx, out, clients, Plan::default(), |client, _| async move {
+    let plan = Plan {
+        lists: true,
+        ..Plan::default()
+    };
+    fan_out(ctx, out, clients, plan, |client, _| async move {
         let list: vibstage_protocol::api::TaskList = client.get("/v1/tasks").await?;
         let items: Vec<String> = list
             .tasks
