@@ -230,13 +230,13 @@ impl BlobWriter {
     fn write_out(&mut self, all: bool) -> io::Result<()> {
         self.check()?;
         let head_end = self.start.next_multiple_of(ALIGN).min(self.end);
-        if head_end > self.start && (head_end % ALIGN == 0 || all) {
+        if head_end > self.start && (head_end.is_multiple_of(ALIGN) || all) {
             self.land()?;
             self.put(self.start..head_end, false)?;
             self.start = head_end;
         }
         let blocks_end = self.end / ALIGN * ALIGN;
-        if self.start % ALIGN == 0 && blocks_end > self.start {
+        if self.start.is_multiple_of(ALIGN) && blocks_end > self.start {
             self.hand_off(self.start..blocks_end)?;
         }
         if all {
@@ -249,9 +249,7 @@ impl BlobWriter {
         let pos = self.block + self.start as u64;
         let skew = (pos % ALIGN as u64) as usize;
         let left = self.end - self.start;
-        self.buf
-            .bytes_mut()
-            .copy_within(self.start..self.end, skew);
+        self.buf.bytes_mut().copy_within(self.start..self.end, skew);
         (self.block, self.start, self.end) = (pos - skew as u64, skew, skew + left);
         if !self.direct && pos - self.writeback_from >= WRITEBACK_CHUNK {
             let _ = posix_fadvise(
@@ -335,7 +333,10 @@ impl BlobWriter {
 
     fn put_at(&mut self, range: Range<usize>, offset: u64, aligned: bool) -> io::Result<()> {
         if self.direct && aligned {
-            match self.file.write_all_at(&self.buf.bytes()[range.clone()], offset) {
+            match self
+                .file
+                .write_all_at(&self.buf.bytes()[range.clone()], offset)
+            {
                 Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
                     // Alignment this filesystem does not take: the page cache from now on.
                     tracing::debug!(error = %e, "O_DIRECT write refused; writing through the page cache");

@@ -88,7 +88,9 @@ impl Store {
             e
         };
         let file = file.into_file().map_err(|e| {
-            discard(StoreError::io("write", &path, e, || format!("sha256:{digest}")))
+            discard(StoreError::io("write", &path, e, || {
+                format!("sha256:{digest}")
+            }))
         })?;
         file.sync_all().map_err(|e| {
             discard(StoreError::io("fsync", &path, e, || {
