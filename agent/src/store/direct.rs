@@ -2,8 +2,9 @@
 //! from an aligned buffer, so that staging neither copies every byte into the page cache nor
 //! leaves the image's size in dirty pages for the host's workloads to wait behind (issue 16).
 //!
-//! Invariant: the file holds exactly the bytes before [`BlobWriter::in_file`], the buffer the
-//! ones after it; [`BlobWriter::flush`] puts everything in the file. Direct writes are whole
+//! Invariant: the file holds at least the bytes before [`BlobWriter::in_file`]; the one write in
+//! flight on the download's writer thread and the buffer being filled hold the ones after it, in
+//! order; [`BlobWriter::flush`] waits for the first and writes the second. Direct writes are whole
 //! [`ALIGN`]-sized blocks at aligned offsets from aligned memory; what is not (the head after a
 //! resume from an unaligned length, the tail at a flush) is written through the page cache, as
 //! is everything on a filesystem that refuses `O_DIRECT`. Durability is the caller's business
