@@ -2,6 +2,7 @@
 //! (size and sha256) and only then renamed into `blobs/sha256/`; a partial download stays
 //! resumable.
 
+use super::direct::BlobWriter;
 use super::*;
 
 /// What [`Store::commit`] did.
@@ -36,41 +37,38 @@ impl Store {
             fs::remove_file(&path).map_err(|e| StoreError::io("remove", &path, e, String::new))?;
             file = open()?;
         }
-        let mut ingest = Ingest {
-            file: io::BufWriter::with_capacity(
-                256 << 10,
-                file.try_clone()
-                    .map_err(|e| StoreError::io("open", &path, e, String::new))?,
-            ),
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", &path, e, String::new))?
+            .len();
+        if len > size {
+            file.set_len(0)
+                .map_err(|e| StoreError::io("truncate", &path, e, String::new))?;
+        }
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        if len <= size {
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = file
+                    .read(&mut buf)
+                    .map_err(|e| StoreError::io("read", &path, e, String::new))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                written += n as u64;
+            }
+        }
+        Ok(Ingest {
+            file: BlobWriter::new(file, written),
             path,
             digest,
             size,
-            written: 0,
-            writeback_from: 0,
-            synced_to: 0,
-            hasher: Sha256::new(),
-        };
-        let len = file
-            .metadata()
-            .map_err(|e| StoreError::io("stat", &ingest.path, e, String::new))?
-            .len();
-        if len > size {
-            ingest.restart()?;
-            return Ok(ingest);
-        }
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| StoreError::io("read", &ingest.path, e, String::new))?;
-            if n == 0 {
-                break;
-            }
-            ingest.hasher.update(&buf[..n]);
-            ingest.written += n as u64;
-        }
-        ingest.synced_to = ingest.written;
-        Ok(ingest)
+            written,
+            synced_to: written,
+            hasher,
+        })
     }
 
     /// Makes an ingested blob part of the store: fsync, check size and sha256, read-only, rename
@@ -89,8 +87,8 @@ impl Store {
             let _ = fs::remove_file(&path);
             e
         };
-        let file = file.into_inner().map_err(|e| {
-            discard(StoreError::io("write", &path, e.into_error(), || {
+        let file = file.into_file().map_err(|e| {
+            discard(StoreError::io("write", &path, e, || {
                 format!("sha256:{digest}")
             }))
         })?;
@@ -151,31 +149,26 @@ impl Store {
 /// grow past the expected size.
 #[derive(Debug)]
 pub struct Ingest {
-    file: io::BufWriter<File>,
+    /// Buffers, writes with `O_DIRECT` where it can, and starts writeback where it cannot.
+    file: BlobWriter,
     path: PathBuf,
     digest: Digest,
     size: u64,
     written: u64,
-    /// File offset up to which writeback to the disk has been started (see [`WRITEBACK_CHUNK`]).
-    writeback_from: u64,
     /// File offset at the last fdatasync, or at opening (see [`PARTIAL_SYNC_CHUNK`]).
     synced_to: u64,
     hasher: Sha256,
 }
-
-/// Every this many bytes, an ingest asks the kernel to start writing what it wrote to the disk
-/// (`posix_fadvise(DONTNEED)`, which starts asynchronous writeback and then drops the pages once
-/// they are clean). Without it, a blob's bytes stay dirty in the page cache until the commit's
-/// fsync, so the disk idles while downloads run and then every download waits for the disk at
-/// once. Only a hint: any write error still surfaces at the fsync.
-pub(super) const WRITEBACK_CHUNK: u64 = 8 << 20;
 
 /// Every this many bytes, an ingest fdatasyncs its partial file, so that a power cut (which,
 /// unlike a SIGKILL, loses the page cache) costs at most this much of each download in progress
 /// rather than all of it (issue 12: after a power cut half-way through 160 MiB, 100 % was fetched
 /// again without it). 32 MiB: staging 1 GiB (P1) measured no slower than without (median ratio
 /// to curl + dgst + sync 0.655 in both, 6 runs each); every 8 MiB made it 1.75× slower, the sync
-/// then waiting for writeback that [`WRITEBACK_CHUNK`] had only just started.
+/// then waiting for writeback that `WRITEBACK_CHUNK` had only just started. Since the partial is
+/// written with `O_DIRECT` (issue 16, `direct.rs`) its bytes are on the device when written and
+/// the fdatasync only makes their allocation and the device's cache durable: P1 measured the
+/// same with it as without it.
 const PARTIAL_SYNC_CHUNK: u64 = 32 << 20;
 
 impl Ingest {
@@ -203,23 +196,14 @@ impl Ingest {
                 actual: format!("received more than {}", self.size),
             });
         }
-        self.file.write_all(bytes).map_err(|e| {
+        self.file.write(bytes).map_err(|e| {
             StoreError::io("write", &self.path, e, || format!("sha256:{}", self.digest))
         })?;
         self.hasher.update(bytes);
         self.written += bytes.len() as u64;
-        let in_file = self.written - self.file.buffer().len() as u64;
-        if in_file - self.writeback_from >= WRITEBACK_CHUNK {
-            let _ = nix::fcntl::posix_fadvise(
-                self.file.get_ref(),
-                self.writeback_from as i64,
-                (in_file - self.writeback_from) as i64,
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-            );
-            self.writeback_from = in_file;
-        }
+        let in_file = self.file.in_file();
         if in_file - self.synced_to >= PARTIAL_SYNC_CHUNK {
-            self.file.get_ref().sync_data().map_err(|e| {
+            self.file.file().sync_data().map_err(|e| {
                 StoreError::io("fsync", &self.path, e, || format!("sha256:{}", self.digest))
             })?;
             self.synced_to = in_file;
@@ -237,12 +221,9 @@ impl Ingest {
     /// Throws away what was written and starts from zero (a server that ignored Range).
     pub fn restart(&mut self) -> Result<(), StoreError> {
         self.file
-            .flush()
-            .and_then(|()| self.file.get_mut().set_len(0))
-            .and_then(|()| io::Seek::seek(self.file.get_mut(), io::SeekFrom::Start(0)).map(drop))
+            .reset()
             .map_err(|e| StoreError::io("truncate", &self.path, e, String::new))?;
         self.written = 0;
-        self.writeback_from = 0;
         self.synced_to = 0;
         self.hasher = Sha256::new();
         Ok(())

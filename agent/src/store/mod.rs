@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,7 @@ use vibstage_protocol::{Digest, Envelope, ImageDigest, Name, VibKind, VibTarget}
 
 use crate::fsutil::{self, Loaded, PrivateDirError};
 
+mod direct;
 mod gc;
 mod ingest;
 mod records;
@@ -283,7 +284,7 @@ pub fn hash_reader(mut reader: impl Read, chunk: usize) -> io::Result<(Digest, u
 
 #[cfg(test)]
 mod tests {
-    use super::ingest::WRITEBACK_CHUNK;
+    use super::direct::WRITEBACK_CHUNK;
     use super::*;
 
     fn store() -> (tempfile::TempDir, Store) {
