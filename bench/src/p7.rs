@@ -5,8 +5,9 @@
 //! then `stage` and `status` again with 1 % of the hosts down and with 5 % down or refusing the
 //! controller.
 //!
-//! The controller runs under `prlimit --nofile=1024:` (a login shell's soft limit; less in quick mode), so that the
-//! product, not the bench, has to make room for a connection per host. While it runs, its
+//! The controller runs under `prlimit --nofile=N:`, N half the number of hosts (at most a login
+//! shell's 1,024), so that the product, not the bench, has to make room for a connection per
+//! host. While it runs, its
 //! `VmHWM` and open descriptors are sampled every 10 ms from `/proc`; its CPU time is the
 //! children's rusage around it. The agents count TLS handshakes and requests themselves
 //! (`vibstage_tls_handshakes_total`, `vibstage_http_requests_total`), read over their sockets
@@ -318,9 +319,8 @@ fn timeline(report: &serde_json::Map<String, Value>, began: f64) -> String {
 struct Hosts {
     /// The hosts file: one `127.0.0.1:PORT` a line.
     path: PathBuf,
-    /// The controller's soft limit on open files: a login shell's 1024, or for a small fleet
-    /// (the quick run in `cargo test`) half a descriptor per host, so that either way the
-    /// controller has to raise it to keep a connection per host.
+    /// The controller's soft limit on open files: half a descriptor per host (at most a login
+    /// shell's 1,024), so that the controller has to raise it to keep a connection per host.
     soft_nofile: u64,
 }
 
@@ -330,11 +330,7 @@ fn hosts_file(env: &Env, name: &str, agents: &[Agent]) -> Result<Hosts> {
     let list: Vec<String> = agents.iter().filter_map(Agent::addr).collect();
     std::fs::write(&path, list.join("\n") + "\n")
         .map_err(BenchError::io(format!("write {}", path.display())))?;
-    let soft_nofile = if list.len() < 1024 {
-        (list.len() as u64 / 2).max(16)
-    } else {
-        1024
-    };
+    let soft_nofile = (list.len() as u64 / 2).clamp(16, 1024);
     Ok(Hosts { path, soft_nofile })
 }
 
