@@ -101,12 +101,16 @@ pub fn run(
         let from = Instant::now() + warmup;
         let until = from + window;
         let mut set = tokio::task::JoinSet::new();
+        // The agent closes connections beyond 8 handshakes in progress from one address (its
+        // defence against handshake floods): connect like a well-behaved client, a few at once.
+        let dialing = Arc::new(tokio::sync::Semaphore::new(DIALING));
         for i in 0..connections {
-            let (config, path) = (config.clone(), path.to_owned());
+            let (config, path, dialing) = (config.clone(), path.to_owned(), dialing.clone());
             // Paced connections start spread over one interval, not all at once.
             let offset = interval.map(|d| d * i as u32 / connections as u32);
             set.spawn(async move {
-                connection(addr, &path, config, (from, until), interval, offset).await
+                let permit = dialing.acquire_owned().await.ok();
+                connection(addr, &path, config, permit, (from, until), interval, offset).await
             });
         }
         let mut load = Load {
@@ -124,10 +128,15 @@ pub fn run(
     })
 }
 
+/// Connections of the load generator set up at once.
+const DIALING: usize = 4;
+
+/// One keep-alive connection's requests; `dialing` is released once it is set up.
 async fn connection(
     addr: SocketAddr,
     path: &str,
     config: Arc<rustls::ClientConfig>,
+    dialing: Option<tokio::sync::OwnedSemaphorePermit>,
     (from, until): (Instant, Instant),
     interval: Option<Duration>,
     offset: Option<Duration>,
@@ -146,6 +155,7 @@ async fn connection(
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
             .await
             .map_err(|e| BenchError::Run(format!("HTTP handshake with {addr}: {e}")))?;
+    drop(dialing);
     tokio::spawn(conn);
     let mut load = Load::default();
     let mut due = Instant::now() + offset.unwrap_or_default();
