@@ -3,6 +3,7 @@
 //! gives it. `.ci/run` installs nginx; a test that needs it fails, saying so, when it is missing.
 
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,6 +93,7 @@ http {{
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("start nginx");
         let nginx = Nginx {
@@ -135,11 +137,11 @@ http {{
     /// Kills nginx at once (master and workers), as a machine that dies would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            // The workers are the master's children: take them down with it.
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-P", &pid.to_string()])
-                .status();
+            // nginx runs in a process group of its own (see `start`): one signal takes the master,
+            // its workers and its cache processes down together. Killing the workers first let
+            // the master start new ones, which outlived it.
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
         }
