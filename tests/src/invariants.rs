@@ -8,6 +8,7 @@
 //!   the digest in its name.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -92,44 +93,54 @@ pub fn check_down(agent: &AgentProc, world: &World) -> usize {
         );
     }
     let bank = agent.state_dir.join("bootbank/current");
-    if let Ok(entries) = std::fs::read_dir(&bank) {
-        // The bank holds exactly the VIBs its manifest lists, no fewer (issue 11, item 2: an
-        // upgrade dropped the unchanged ones) and no more.
-        let manifest: Value = serde_json::from_slice(
-            &std::fs::read(bank.join("manifest.json")).expect("a bank without a manifest"),
-        )
-        .expect("torn bank manifest");
-        let listed: BTreeSet<String> = manifest["vibs"]
-            .as_array()
-            .expect("manifest vibs")
-            .iter()
-            .map(|v| v.as_str().expect("digest").to_owned())
-            .collect();
-        let mut present = BTreeSet::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name
-                .strip_suffix(".vib")
-                .and_then(|n| n.rsplit_once('-'))
-                .map(|(_, h)| h.to_owned())
-            else {
-                continue;
-            };
-            let bytes = std::fs::read(entry.path()).expect("bank file");
-            assert_eq!(
-                Digest::of(&bytes).to_hex(),
-                hex,
-                "installed file {name} holds wrong bytes"
-            );
-            present.insert(hex);
-            checked += 1;
-        }
-        assert_eq!(
-            present, listed,
-            "the bank's files are not what its manifest lists"
-        );
+    if std::fs::read_dir(&bank).is_ok() {
+        checked += check_bank(&bank, "").1;
     }
     checked
+}
+
+/// Checks an installer bank (`bootbank/current`): its manifest parses, and the bank holds
+/// exactly the VIBs the manifest lists, no fewer (issue 11, item 2: an upgrade dropped the
+/// unchanged ones) and no more, each file hashing to the digest in its name. `when` starts
+/// every failure message ("after a power cut, "). Returns the manifest and how many files were
+/// checked.
+pub fn check_bank(bank: &Path, when: &str) -> (Value, usize) {
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(bank.join("manifest.json"))
+            .unwrap_or_else(|e| panic!("{when}the bank has no manifest: {e}")),
+    )
+    .unwrap_or_else(|e| panic!("{when}the bank's manifest is torn: {e}"));
+    let listed: BTreeSet<String> = manifest["vibs"]
+        .as_array()
+        .expect("manifest vibs")
+        .iter()
+        .map(|v| v.as_str().expect("digest").to_owned())
+        .collect();
+    let mut present = BTreeSet::new();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(bank).expect("bank").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(hex) = name
+            .strip_suffix(".vib")
+            .and_then(|n| n.rsplit_once('-'))
+            .map(|(_, h)| h.to_owned())
+        else {
+            continue;
+        };
+        let bytes = std::fs::read(entry.path()).expect("bank file");
+        assert_eq!(
+            Digest::of(&bytes).to_hex(),
+            hex,
+            "{when}installed file {name} holds wrong bytes"
+        );
+        present.insert(hex);
+        checked += 1;
+    }
+    assert_eq!(
+        present, listed,
+        "{when}the bank's files are not what its manifest lists"
+    );
+    (manifest, checked)
 }
 
 /// The installed image's digest according to the installer's bank, if any.

@@ -30,12 +30,12 @@
 //! and `VIBSTAGE_POWER_SEED` replays it. `VIBSTAGE_POWER_LOSS=skip` opts out on a machine without
 //! FUSE (the test otherwise fails, saying what is missing). RELIABILITY.md has a long run.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use vibstage_e2e::invariants::{bank_digest, remediate_until_done};
+use vibstage_e2e::invariants::{bank_digest, check_bank, remediate_until_done};
 use vibstage_e2e::lazyfs::{self, Crash, LazyFs};
 use vibstage_e2e::{ANY_PATH, AgentOptions, AgentProc, Fault, VibFile, World};
 use vibstage_protocol::{Digest, Envelope};
@@ -379,41 +379,13 @@ fn check_disk(host: &Host, allowed_banks: &[&str]) -> (usize, usize) {
     }
     let bank = state.join("bootbank/current");
     if std::fs::symlink_metadata(&bank).is_ok() {
-        let manifest: Value = serde_json::from_slice(
-            &std::fs::read(bank.join("manifest.json")).expect("the current bank has a manifest"),
-        )
-        .expect("the current bank's manifest is torn");
+        let (manifest, files) = check_bank(&bank, "after a power cut, ");
+        checked += files;
         let digest = manifest["image"]["digest"].as_str().expect("digest");
         assert!(
             allowed_banks.contains(&digest),
             "the installed bank is {digest}, neither the old nor the new image {allowed_banks:?}"
         );
-        let listed: BTreeSet<String> = manifest["vibs"]
-            .as_array()
-            .expect("manifest vibs")
-            .iter()
-            .map(|v| v.as_str().expect("digest").to_owned())
-            .collect();
-        let mut present = BTreeSet::new();
-        for entry in std::fs::read_dir(&bank).expect("bank").flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name
-                .strip_suffix(".vib")
-                .and_then(|n| n.rsplit_once('-'))
-                .map(|(_, h)| h.to_owned())
-            else {
-                continue;
-            };
-            let bytes = std::fs::read(entry.path()).expect("bank file");
-            assert_eq!(
-                Digest::of(&bytes).to_hex(),
-                hex,
-                "after a power cut, installed file {name} holds wrong bytes"
-            );
-            present.insert(hex);
-            checked += 1;
-        }
-        assert_eq!(present, listed, "the bank is not whole after a power cut");
     } else {
         assert!(
             allowed_banks.contains(&""),
